@@ -1,0 +1,284 @@
+"""The CLIP wrapper: open_clip model + zero-shot text heads per task.
+
+``CLIPTaskModel`` is an Avalanche ``MultiTaskModule``: the task label of a batch picks
+the class vocabulary, and the logits are ``exp(logit_scale) * cos(image, class)`` over
+that task's classes. Regularisers read the student's features of the last forward from
+``model.last`` (no second forward) and named intermediate features from
+``model.last["layers"]`` once ``capture_layers`` was called.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from avalanche.models import MultiTaskModule
+from torch import Tensor, nn
+
+from cl_proxyfda.errors import UserError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+ASSET_DIR = Path(__file__).parent / "assets"
+
+# Shipped checkpoints addressable by a short tag: ``pretrained: demo``.
+SHIPPED_WEIGHTS = {"demo": ASSET_DIR / "demo_clip.safetensors"}
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Register the package's own small open_clip configs (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def list_model_names() -> list[str]:
+    """Every open_clip architecture name, the package's tiny configs included."""
+    register_model_configs()
+    return open_clip.list_models()
+
+
+def resolve_pretrained(pretrained: str | None) -> str | None:
+    """Map a ``model.pretrained`` value to what open_clip takes.
+
+    ``None``/``"none"`` gives random weights, a shipped tag (``demo``) the package's
+    asset, an existing file path a local checkpoint, anything else an open_clip tag
+    (downloaded on the user's machine, cached by open_clip).
+    """
+    if pretrained in (None, "", "none", "random"):
+        return None
+    if pretrained in SHIPPED_WEIGHTS:
+        path = SHIPPED_WEIGHTS[pretrained]
+        if not path.is_file():
+            raise UserError(f"model.pretrained: shipped weights {path} are missing; run `cl-proxyfda pretrain-demo`")
+        return str(path)
+    return os.path.expanduser(pretrained)
+
+
+def create_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable, Callable]:
+    """Create an open_clip model with its train/eval transforms and tokenizer."""
+    register_model_configs()
+    if name not in open_clip.list_models():
+        raise UserError(f"model.name: unknown open_clip model {name!r} (see `cl-proxyfda list`)")
+    weights = resolve_pretrained(pretrained)
+    looks_like_path = weights is not None and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")))
+    if looks_like_path and not Path(weights).is_file():
+        raise UserError(f"model.pretrained: checkpoint file {weights} does not exist")
+    try:
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except RuntimeError as exc:  # shape mismatches from a checkpoint of another model
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"model.pretrained: {weights} does not fit model {name}: {first}") from None
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess_train, preprocess_eval, tokenizer
+
+
+@dataclass
+class TaskVocabulary:
+    """Class names and prompt templates of one task (the task id indexes a list of these)."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+
+    def prompts(self) -> list[list[str]]:
+        return [[t.format(c) for t in self.templates] for c in self.classnames]
+
+
+@dataclass
+class _TextCache:
+    version: int = -1
+    heads: dict[int, Tensor] = field(default_factory=dict)
+
+
+def _block_list(clip: nn.Module) -> Sequence[nn.Module]:
+    visual = clip.visual
+    if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
+        return visual.transformer.resblocks
+    raise UserError("model: named-layer features need a ViT image tower with transformer.resblocks")
+
+
+class CLIPTaskModel(MultiTaskModule):
+    """open_clip CLIP with zero-shot text heads per task, usable as an Avalanche model.
+
+    Args:
+        clip: an open_clip ``CLIP``/``CustomTextCLIP`` model.
+        tokenizer: the matching open_clip tokenizer.
+        tasks: the vocabulary of every task, indexed by task label.
+        train_towers: which towers receive gradients: ``image``, ``text`` or both.
+        freeze_logit_scale: keep the temperature fixed (the usual choice).
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable,
+        tasks: Sequence[TaskVocabulary] = (),
+        train_towers: Iterable[str] = ("image",),
+        freeze_logit_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.tasks: list[TaskVocabulary] = list(tasks)
+        self.train_towers = set(train_towers)
+        self._cache = _TextCache()
+        self._text_version = 0
+        self._hooks: list[Any] = []
+        self._layer_names: list[str] = []
+        self.last: dict[str, Any] = {}
+        self.text_encode_calls = 0  # how often class heads were computed (tests, bench)
+        self.set_trainable(self.train_towers, freeze_logit_scale)
+
+    # ------------------------------------------------------------------ set-up
+    def set_trainable(self, towers: Iterable[str], freeze_logit_scale: bool = True) -> None:
+        """Enable gradients for the chosen towers only."""
+        towers = set(towers)
+        unknown = towers - {"image", "text"}
+        if unknown:
+            raise UserError(f"model.train_towers: unknown tower(s) {sorted(unknown)} (use image, text)")
+        self.train_towers = towers
+        for pname, p in self.clip.named_parameters():
+            if pname == "logit_scale" or pname == "logit_bias":
+                p.requires_grad_(not freeze_logit_scale)
+            elif pname.startswith("visual."):
+                p.requires_grad_("image" in towers)
+            else:
+                p.requires_grad_("text" in towers)
+        self.text_changed()
+
+    def set_tasks(self, tasks: Sequence[TaskVocabulary]) -> None:
+        self.tasks = list(tasks)
+        self.text_changed()
+
+    @property
+    def text_trainable(self) -> bool:
+        return "text" in self.train_towers
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.clip.logit_scale.exp()
+
+    def text_changed(self) -> None:
+        """Invalidate cached class heads (call after the text tower's weights change)."""
+        self._text_version += 1
+
+    # ---------------------------------------------------------------- features
+    def capture_layers(self, names: Iterable[str]) -> None:
+        """Record named image-tower features during forward into ``last['layers']``.
+
+        Names: ``ln_pre`` (after the pre-norm), ``block{i}`` (output of block i, 1-based).
+        The class token of each is kept, L2-normalised by the consumer if wanted.
+        """
+        names = list(dict.fromkeys(list(self._layer_names) + list(names)))
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._layer_names = names
+        blocks = _block_list(self.clip)
+        for lname in names:
+            if lname == "ln_pre":
+                module = self.clip.visual.ln_pre
+            elif lname.startswith("block") and lname[5:].isdigit() and 1 <= int(lname[5:]) <= len(blocks):
+                module = blocks[int(lname[5:]) - 1]
+            else:
+                raise UserError(f"unknown feature layer {lname!r} (use ln_pre or block1..block{len(blocks)})")
+            self._hooks.append(module.register_forward_hook(self._make_hook(lname)))
+
+    def _make_hook(self, lname: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            token = out[:, 0] if out.ndim == 3 else out
+            self.last.setdefault("layers", {})[lname] = token
+
+        return hook
+
+    def encode_image(self, x: Tensor, normalize: bool = True) -> Tensor:
+        feats = self.clip.encode_image(x)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
+        device = self.clip.logit_scale.device
+        tokens = self.tokenizer(list(texts)).to(device)
+        feats = self.clip.encode_text(tokens)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def _compute_head(self, task_id: int) -> Tensor:
+        vocab = self.tasks[task_id]
+        prompts = vocab.prompts()
+        flat = [p for group in prompts for p in group]
+        emb = self.encode_text(flat).view(len(vocab.classnames), len(vocab.templates), -1)
+        self.text_encode_calls += 1
+        return F.normalize(emb.mean(dim=1), dim=-1)
+
+    def class_embeddings(self, task_id: int) -> Tensor:
+        """Normalised class embeddings of a task (template ensemble).
+
+        Cached while the text tower is unchanged; recomputed with gradients at every
+        call when the text tower trains and the model is in training mode.
+        """
+        if task_id < 0 or task_id >= len(self.tasks):
+            raise IndexError(f"task label {task_id} has no vocabulary ({len(self.tasks)} tasks known)")
+        if self.training and self.text_trainable and torch.is_grad_enabled():
+            return self._compute_head(task_id)
+        if self._cache.version != self._text_version:
+            self._cache = _TextCache(version=self._text_version)
+        head = self._cache.heads.get(task_id)
+        if head is None:
+            with torch.no_grad():
+                head = self._compute_head(task_id)
+            self._cache.heads[task_id] = head
+        return head
+
+    # ----------------------------------------------------------------- forward
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        image = self.encode_image(x)
+        self.last["image_embeds"] = image
+        self.last["task"] = int(task_label)
+        return self.logit_scale * image @ self.class_embeddings(int(task_label)).t()
+
+    def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:  # type: ignore[override]
+        self.last = {}
+        if task_labels is None:
+            task_labels = 0
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        unique = torch.unique(task_labels)
+        if len(unique) == 1:
+            return self.forward_single_task(x, int(unique.item()))
+        # Mixed-task batch: per-task logits padded to the widest head with -inf.
+        width = max(len(self.tasks[int(t)].classnames) for t in unique)
+        out = x.new_full((x.shape[0], width), float("-inf"))
+        embeds: Tensor | None = None
+        for t in unique:
+            mask = task_labels == t
+            logits = self.forward_single_task(x[mask], int(t.item()))
+            out[mask, : logits.shape[1]] = logits
+            if embeds is None:
+                embeds = x.new_zeros((x.shape[0], self.last["image_embeds"].shape[1]))
+            embeds[mask] = self.last["image_embeds"]
+        self.last = {"image_embeds": embeds}
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def build_task_model(
+    name: str,
+    pretrained: str | None,
+    tasks: Sequence[TaskVocabulary] = (),
+    train_towers: Iterable[str] = ("image",),
+    freeze_logit_scale: bool = True,
+    device: str | torch.device = "cpu",
+) -> tuple[CLIPTaskModel, Callable, Callable]:
+    """Create the task model and its train/eval transforms in one call."""
+    clip, pre_train, pre_eval, tokenizer = create_clip(name, pretrained, device=device)
+    model = CLIPTaskModel(clip, tokenizer, tasks, train_towers, freeze_logit_scale)
+    return model, pre_train, pre_eval

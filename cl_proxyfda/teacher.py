@@ -1,0 +1,102 @@
+"""Frozen reference models shared by all plugins of a strategy.
+
+Two references exist: ``pretrained`` (the model before any training) and ``previous``
+(the model at the start of the current experience). Each is a frozen copy of the task
+model, created on first use. ``teacher_outputs`` runs one teacher forward per batch and
+reference, whatever number of plugins ask for it (the result is cached on the strategy
+under the training-iteration counter).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+REFERENCES = ("pretrained", "previous")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The task model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class TeacherBank:
+    """Holds the frozen references of one strategy and a per-batch output cache."""
+
+    def __init__(self, initial_state: dict[str, Tensor] | None = None, half: bool = False) -> None:
+        self.initial_state = initial_state
+        self.half = half
+        self.models: dict[str, nn.Module] = {}
+        self._cache_key: Any = None
+        self._cache: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+        self.forward_count = 0
+
+    def _freeze(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.half and next(model.parameters()).is_cuda:
+            model.half()
+        return model
+
+    def get(self, student: nn.Module, reference: str) -> nn.Module:
+        """The frozen model for ``reference`` (created from the student if missing)."""
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        if reference not in self.models:
+            teacher = copy.deepcopy(unwrap(student))
+            if reference == "pretrained" and self.initial_state is not None:
+                teacher.load_state_dict(self.initial_state)
+            self.models[reference] = self._freeze(teacher)
+        return self.models[reference]
+
+    def refresh_previous(self, student: nn.Module) -> None:
+        """Make ``previous`` a copy of the student now (start of an experience)."""
+        if "previous" in self.models:
+            self.models["previous"].load_state_dict(unwrap(student).state_dict())
+            self.models["previous"].text_changed()
+        self._cache.clear()
+
+    def outputs(self, strategy: Any, reference: str, layers: Iterable[str] = ()) -> dict[str, Any]:
+        """Teacher features of the current mini-batch: ``image_embeds`` and ``layers``."""
+        key = (id(strategy.mb_x), strategy.clock.train_iterations)
+        if key != self._cache_key:
+            self._cache_key = key
+            self._cache.clear()
+        layers = tuple(sorted(layers))
+        hit = self._cache.get((reference, layers))
+        if hit is not None:
+            return hit
+        teacher = self.get(strategy.model, reference)
+        if layers:
+            teacher.capture_layers(layers)
+        x = strategy.mb_x
+        with torch.no_grad():
+            param = next(teacher.parameters())
+            teacher.last = {}
+            embeds = teacher.encode_image(x.to(param.dtype))
+        self.forward_count += 1
+        out = {"image_embeds": embeds.float(), "layers": {k: v.float() for k, v in teacher.last.get("layers", {}).items()}}
+        self._cache[(reference, layers)] = out
+        return out
+
+
+def teacher_bank(strategy: Any) -> TeacherBank:
+    """The strategy's shared TeacherBank (created on first use)."""
+    bank = getattr(strategy, "teachers", None)
+    if bank is None:
+        bank = TeacherBank()
+        strategy.teachers = bank
+    return bank
+
+
+def teacher_outputs(strategy: Any, reference: str = "pretrained", layers: Iterable[str] = ()) -> dict[str, Any]:
+    """Shortcut: the shared teacher features of the current batch."""
+    return teacher_bank(strategy).outputs(strategy, reference, layers)
+
+
+def student_outputs(strategy: Any) -> dict[str, Any]:
+    """The student's features of the current batch, recorded by its forward."""
+    return unwrap(strategy.model).last
