@@ -130,3 +130,19 @@ def check_unique_names(tasks: Sequence[Task]) -> None:
         if t.name in seen:
             raise UserError(f"stream: duplicate task name {t.name!r}")
         seen.add(t.name)
+
+
+@dataclass
+class StreamData:
+    """What a stream builder returns: the ordered tasks and an optional control set.
+
+    The control set is a task of concepts never trained in the stream; its zero-shot
+    accuracy at every row of the accuracy matrix is the control retention.
+    ``reference_images`` optionally lists generic images (e.g. base-world images) for
+    methods that need unlabelled reference data (ZSCL, Infusing).
+    """
+
+    tasks: list[Task]
+    control: Task | None = None
+    reference: Dataset | None = None
+    base_concepts: list[str] = field(default_factory=list)
