@@ -97,6 +97,18 @@ class _TextCache:
     heads: dict[int, Tensor] = field(default_factory=dict)
 
 
+class _FeatureSink(dict):
+    """Where capture hooks write; a deep copy (a frozen teacher) gets its own empty sink."""
+
+    def __deepcopy__(self, memo: dict) -> "_FeatureSink":
+        return _FeatureSink()
+
+
+def _capture_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+    out = output[0] if isinstance(output, tuple) else output
+    module._cl_sink[module._cl_capture_name] = out[:, 0] if out.ndim == 3 else out
+
+
 def _block_list(clip: nn.Module) -> Sequence[nn.Module]:
     visual = clip.visual
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
@@ -132,6 +144,7 @@ class CLIPTaskModel(MultiTaskModule):
         self._text_version = 0
         self._hooks: list[Any] = []
         self._layer_names: list[str] = []
+        self._sink = _FeatureSink()
         self.last: dict[str, Any] = {}
         self.text_encode_calls = 0  # how often class heads were computed (tests, bench)
         self.set_trainable(self.train_towers, freeze_logit_scale)
@@ -144,6 +157,12 @@ class CLIPTaskModel(MultiTaskModule):
         if unknown:
             raise UserError(f"model.train_towers: unknown tower(s) {sorted(unknown)} (use image, text)")
         self.train_towers = towers
+        from cl_proxyfda.adapters import freeze_all_but_adapters, has_adapters
+
+        if has_adapters(self.clip):  # adapters are the only trainable parameters
+            freeze_all_but_adapters(self.clip)
+            self.text_changed()
+            return
         for pname, p in self.clip.named_parameters():
             if pname == "logit_scale" or pname == "logit_bias":
                 p.requires_grad_(not freeze_logit_scale)
@@ -189,15 +208,21 @@ class CLIPTaskModel(MultiTaskModule):
                 module = blocks[int(lname[5:]) - 1]
             else:
                 raise UserError(f"unknown feature layer {lname!r} (use ln_pre or block1..block{len(blocks)})")
-            self._hooks.append(module.register_forward_hook(self._make_hook(lname)))
+            module._cl_sink = self._sink
+            module._cl_capture_name = lname
+            self._hooks.append(module.register_forward_hook(_capture_hook))
 
-    def _make_hook(self, lname: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            token = out[:, 0] if out.ndim == 3 else out
-            self.last.setdefault("layers", {})[lname] = token
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies (frozen teachers, LwF's previous model) never carry the autograd graph
+        # of the last forward.
+        state = self.__dict__.copy()
+        state["last"] = {}
+        return state
 
-        return hook
+    def adaptation(self, experience: Any) -> None:
+        """Avalanche's hook: remember trained task labels (heads come from text)."""
+        if self.training:
+            self.known_train_tasks_labels = self.known_train_tasks_labels.union(set(experience.task_labels))
 
     def encode_image(self, x: Tensor, normalize: bool = True) -> Tensor:
         feats = self.clip.encode_image(x)
@@ -243,10 +268,19 @@ class CLIPTaskModel(MultiTaskModule):
         self.last["task"] = int(task_label)
         return self.logit_scale * image @ self.class_embeddings(int(task_label)).t()
 
+    def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
+        """Logits for every trained task (Avalanche's LwF); keeps ``last`` untouched."""
+        saved = self.last
+        try:
+            return {t: self.forward_single_task(x, t) for t in sorted(self.known_train_tasks_labels)}
+        finally:
+            self.last = saved
+
     def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:  # type: ignore[override]
-        self.last = {}
         if task_labels is None:
-            task_labels = 0
+            return self.forward_all_tasks(x)  # type: ignore[return-value]
+        self._sink.clear()
+        self.last = {"layers": self._sink}
         if isinstance(task_labels, int):
             return self.forward_single_task(x, task_labels)
         unique = torch.unique(task_labels)
@@ -263,7 +297,7 @@ class CLIPTaskModel(MultiTaskModule):
             if embeds is None:
                 embeds = x.new_zeros((x.shape[0], self.last["image_embeds"].shape[1]))
             embeds[mask] = self.last["image_embeds"]
-        self.last = {"image_embeds": embeds}
+        self.last = {"image_embeds": embeds, "layers": self._sink}
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -57,7 +57,10 @@ class TeacherBank:
         if "previous" in self.models:
             self.models["previous"].load_state_dict(unwrap(student).state_dict())
             self.models["previous"].text_changed()
+        else:
+            self.models["previous"] = self._freeze(copy.deepcopy(unwrap(student)))
         self._cache.clear()
+        self._cache_key = None
 
     def outputs(self, strategy: Any, reference: str, layers: Iterable[str] = ()) -> dict[str, Any]:
         """Teacher features of the current mini-batch: ``image_embeds`` and ``layers``."""
@@ -75,10 +78,10 @@ class TeacherBank:
         x = strategy.mb_x
         with torch.no_grad():
             param = next(teacher.parameters())
-            teacher.last = {}
+            teacher._sink.clear()
             embeds = teacher.encode_image(x.to(param.dtype))
         self.forward_count += 1
-        out = {"image_embeds": embeds.float(), "layers": {k: v.float() for k, v in teacher.last.get("layers", {}).items()}}
+        out = {"image_embeds": embeds.float(), "layers": {k: v.float() for k, v in teacher._sink.items()}}
         self._cache[(reference, layers)] = out
         return out
 

@@ -1,0 +1,138 @@
+"""The ``cl-proxyfda`` command line (also ``python -m cl_proxyfda``).
+
+Bad input (config, paths, arguments) prints ``error: <one line>`` and exits 2 without
+writing anything; a diverged run exits 3 with the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+from cl_proxyfda.errors import TrainingDiverged, UserError
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*qpsolvers.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cl_proxyfda.config import load_config
+    from cl_proxyfda.runner import run_config
+
+    cfg = load_config(args.config, args.set)
+    run_config(cfg, Path(args.out) if args.out else None, resume=args.resume)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cl_proxyfda.config import load_config
+    from cl_proxyfda.registry import STREAMS
+
+    cfg = load_config(args.config, args.set)
+    stream = STREAMS.build(cfg.stream.name, cfg.stream.args, run_seed=cfg.run.seed)
+    names = ", ".join(f"{t.name} ({t.num_classes})" for t in stream.tasks)
+    print(f"ok: {args.config}: model {cfg.model.name}, {len(stream.tasks)} tasks [{names}], strategies {[s.name for s in cfg.strategies]}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cl_proxyfda.results import report
+
+    report(Path(args.run_dir))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cl_proxyfda.models import list_model_names
+    from cl_proxyfda.registry import GENERATORS, STRATEGIES, STREAMS, load_builtin_components
+
+    load_builtin_components()
+    for title, reg in (("strategies", STRATEGIES), ("streams", STREAMS), ("generators", GENERATORS)):
+        print(f"{title}:")
+        for name in reg.names():
+            print(f"  {name:14s} {reg.get(name).help}")
+    models = list_model_names()
+    ours = [m for m in models if m.startswith(("cl-", "demo-"))]
+    print("models (package configs): " + ", ".join(ours))
+    if args.all_models:
+        print("models (open_clip): " + ", ".join(m for m in models if m not in ours))
+    else:
+        print(f"models (open_clip): {len(models) - len(ours)} more (--all-models lists them)")
+    return 0
+
+
+def cmd_pretrain_demo(args: argparse.Namespace) -> int:
+    from cl_proxyfda.demo_pretrain import pretrain_demo
+
+    kwargs = {"seed": args.seed}
+    if args.steps:
+        kwargs["steps"] = args.steps
+    meta = pretrain_demo(Path(args.out), **kwargs)
+    print(meta)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cl-proxyfda", description="Continual fine-tuning of CLIP-like models without forgetting.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train and evaluate a run file")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--out", help="run folder (default: run.output_dir/run.name)")
+    p.add_argument("--resume", action="store_true", help="continue after the last completed experience")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a run file and its data without training")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="re-render the table and plots of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("list", help="registered strategies, streams, generators and models")
+    p.add_argument("--all-models", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("pretrain-demo", help="reproduce the shipped tiny CLIP of the demo world")
+    p.add_argument("--out", default="demo_clip.safetensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=0, help="0 = the default schedule")
+    p.set_defaults(func=cmd_pretrain_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}; the last good checkpoint is kept", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; completed experiences are saved (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Zero-shot evaluation of the task model on every task of a stream.
+
+One row of the accuracy matrix = top-1 accuracy (%) on each task's test set, each task
+scored with its own class vocabulary. Preprocessed test inputs are kept in memory when
+they fit the budget (the eval transform is deterministic), so rows after the first cost
+one forward pass over the test sets and nothing else.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cl_proxyfda.teacher import unwrap
+
+
+class _Transformed(Dataset):
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.base[i]
+        return self.transform(image), int(label)
+
+
+class TaskEvaluator:
+    """Evaluates a ``CLIPTaskModel`` on a fixed list of test sets.
+
+    Args:
+        datasets: one test set per task id, yielding (PIL image, label).
+        transform: the model's eval transform.
+        batch_size: evaluation batch size.
+        cache_mb: keep preprocessed inputs in memory up to this many MB in total.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset], transform: Callable, batch_size: int = 256, cache_mb: float = 1024, workers: int = 0) -> None:
+        self.datasets = list(datasets)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.cache_mb = cache_mb
+        self.workers = workers
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._cache_bytes = 0
+
+    def _batches(self, task_id: int) -> Any:
+        if task_id in self._cache:
+            x, y = self._cache[task_id]
+            for i in range(0, len(y), self.batch_size):
+                yield x[i : i + self.batch_size], y[i : i + self.batch_size]
+            return
+        loader = DataLoader(_Transformed(self.datasets[task_id], self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
+        xs, ys = [], []
+        keep = True
+        for x, y in loader:
+            if keep:
+                xs.append(x)
+                ys.append(y)
+                keep = self._cache_bytes + sum(t.numel() * t.element_size() for t in xs) <= self.cache_mb * 2**20
+            yield x, y
+        if keep and xs:
+            x, y = torch.cat(xs), torch.cat(ys)
+            self._cache[task_id] = (x, y)
+            self._cache_bytes += x.numel() * x.element_size()
+
+    @torch.no_grad()
+    def accuracy(self, model: torch.nn.Module, task_id: int, vocab_task: int | None = None, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> float:
+        """Top-1 accuracy (%) on test set ``task_id`` with the vocabulary of ``vocab_task``."""
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        device = torch.device(device)
+        vocab = task_id if vocab_task is None else vocab_task
+        correct = total = 0
+        try:
+            for x, y in self._batches(task_id):
+                x = x.to(device, non_blocking=True)
+                if autocast_dtype is not None:
+                    with torch.autocast(device.type, dtype=autocast_dtype):
+                        logits = net(x, vocab)
+                else:
+                    logits = net(x, vocab)
+                correct += int((logits.argmax(dim=1).cpu() == y).sum())
+                total += len(y)
+        finally:
+            net.train(was_training)
+        return 100.0 * correct / max(total, 1)
+
+    @torch.no_grad()
+    def features(self, model: torch.nn.Module, task_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Normalised image embeddings and labels of test set ``task_id``."""
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        feats, labels = [], []
+        try:
+            for x, y in self._batches(task_id):
+                feats.append(net.encode_image(x.to(device)).float().cpu())
+                labels.append(y)
+        finally:
+            net.train(was_training)
+        return torch.cat(feats), torch.cat(labels)
+
+    def row(self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> list[float]:
+        """Accuracy on every task (its own vocabulary): one row of the matrix."""
+        return [self.accuracy(model, t, device=device, autocast_dtype=autocast_dtype) for t in range(len(self.datasets))]

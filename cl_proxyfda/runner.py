@@ -1,0 +1,382 @@
+"""The runner: a validated RunConfig in, a run folder with results out.
+
+Flow per run: build stream, model and plugins (any bad input fails here, before a file
+is written) -> evaluate row 0 -> for each experience: train once, evaluate every task
+and the control set, save results, plots and a checkpoint -> summary table.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from cl_proxyfda import checkpoint as ckpt
+from cl_proxyfda.config import RunConfig
+from cl_proxyfda.errors import UserError
+from cl_proxyfda.evaluation import TaskEvaluator
+from cl_proxyfda.models import CLIPTaskModel, build_task_model
+from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
+from cl_proxyfda.teacher import TeacherBank, unwrap
+from cl_proxyfda.training import CLStrategy, RandomBatches
+
+DEFAULT_ITERATIONS = 100
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("run.precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class ProgressPlugin(SupervisedPlugin):
+    """A tqdm bar per experience showing the loss."""
+
+    def __init__(self, names: list[str], enabled: bool = True) -> None:
+        super().__init__()
+        self.names, self.enabled, self.bar = names, enabled, None
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        i = strategy.experience_index
+        self.bar = tqdm(total=strategy.total_steps, desc=f"exp {i + 1}/{len(self.names)} {self.names[i]}", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if strategy.clock.train_exp_iterations % 10 == 0:
+                self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}")
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@dataclass
+class Run:
+    """Everything a run is built from; ``execute`` does the work."""
+
+    config: RunConfig
+    out_dir: Path
+    stream: Any
+    model: CLIPTaskModel
+    strategy: CLStrategy
+    plugins: list[Any]
+    benchmark: Any
+    evaluator: TaskEvaluator
+    device: torch.device
+    amp: torch.dtype | None
+    logger: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.stream.tasks]
+
+
+def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any:
+    seed = cfg.run.seed
+
+    def factory(exp_index: int, targets: list[int], iterations: int) -> Any:
+        exp_seed = seed * 1_000_003 + exp_index
+        if cfg.train.sampler == "class_balanced":
+            from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler
+
+            return ClassBalancedBatchSampler(
+                targets,
+                m_classes=cfg.train.classes_per_batch,
+                n_per_class=cfg.train.images_per_class,
+                iterations=iterations,
+                seed=exp_seed,
+                class_similarity=class_similarity.get(exp_index),
+                hard_mining=cfg.train.hard_class_mining,
+            )
+        return RandomBatches(len(targets), cfg.train.batch_size, iterations, exp_seed)
+
+    return factory
+
+
+def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
+    """Build stream, model, plugins and strategy; writes nothing."""
+    load_builtin_components()
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    amp = autocast_dtype(cfg.run.precision, device)
+    stream = STREAMS.build(cfg.stream.name, cfg.stream.args, run_seed=cfg.run.seed)
+    tasks = list(stream.tasks)
+    if not tasks:
+        raise UserError("stream: the stream has no tasks")
+    from cl_proxyfda.benchmarks.stream import check_unique_names, to_avalanche
+
+    check_unique_names(tasks)
+    for name in cfg.train.lr_per_task:
+        if name not in {t.name for t in tasks}:
+            raise UserError(f"train.lr_per_task: unknown task {name!r} (tasks: {', '.join(t.name for t in tasks)})")
+    vocab = [t.vocabulary for t in tasks] + ([stream.control.vocabulary] if stream.control is not None else [])
+    model, pre_train, pre_eval = build_task_model(
+        cfg.model.name, cfg.model.pretrained, vocab, cfg.model.train_towers, cfg.model.freeze_logit_scale, device="cpu"
+    )
+    if cfg.model.adapter is not None:
+        from cl_proxyfda.adapters import inject_adapters
+
+        inject_adapters(model.clip, cfg.model.adapter)
+        model.set_trainable(cfg.model.train_towers, cfg.model.freeze_logit_scale)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plugins = []
+    for i, comp in enumerate(cfg.strategies):
+        plugin = STRATEGIES.build(comp.name, comp.args, stream=stream, config=cfg, index=i)
+        plugins.append(plugin)
+        layers = getattr(plugin, "needs_layers", ())
+        if layers:
+            model.capture_layers(layers)
+
+    iterations = cfg.train.iterations
+    epochs = cfg.train.epochs
+    batch = cfg.train.batch_size
+
+    def iterations_for(n_items: int) -> int:
+        if iterations is not None:
+            return iterations
+        if epochs is not None:
+            return epochs * max(1, -(-n_items // batch))
+        return DEFAULT_ITERATIONS
+
+    def lr_for(exp_index: int) -> float:
+        return cfg.train.lr_per_task.get(tasks[exp_index].name, cfg.train.lr)
+
+    class_similarity: dict[int, Any] = {}
+    progress = ProgressPlugin([t.name for t in tasks], enabled=cfg.logging.progress)
+    strategy = CLStrategy(
+        model=model,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        train_mb_size=batch,
+        plugins=[*plugins, progress],
+        device=device,
+        lr_for_experience=lr_for,
+        iterations_for=iterations_for,
+        batch_sampler=_make_batch_sampler(cfg, class_similarity),
+        optimizer=cfg.train.optimizer,
+        weight_decay=cfg.train.weight_decay,
+        warmup=cfg.train.warmup,
+        schedule=cfg.train.schedule,
+        grad_clip=cfg.train.grad_clip,
+        workers=cfg.train.workers,
+        num_experiences=len(tasks),
+        autocast_dtype=amp,
+    )
+    strategy.teachers = TeacherBank(initial_state=initial_state, half=cfg.run.teacher_half)
+    strategy.class_similarity = class_similarity
+    benchmark = to_avalanche(tasks, pre_train, pre_eval)
+    test_sets = [t.test for t in tasks] + ([stream.control.test] if stream.control is not None else [])
+    evaluator = TaskEvaluator(test_sets, pre_eval, batch_size=cfg.eval.batch_size, workers=cfg.train.workers)
+    out = Path(out_dir) if out_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
+    return Run(cfg, out, stream, model, strategy, plugins, benchmark, evaluator, device, amp)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a folder")
+    if not resume and out.is_dir() and any((out / name).exists() for name in ("metrics.json", "checkpoints", "config.yaml")):
+        raise UserError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _plugin_states(plugins: list[Any]) -> dict[str, Any]:
+    return {f"{i}:{getattr(p, 'name', type(p).__name__)}": p.state_dict() for i, p in enumerate(plugins) if hasattr(p, "state_dict")}
+
+
+def _load_plugin_states(run: Run, states: dict[str, Any], source: Path) -> None:
+    expected = {f"{i}:{getattr(p, 'name', type(p).__name__)}" for i, p in enumerate(run.plugins) if hasattr(p, "state_dict")}
+    if set(states) != expected:
+        raise UserError(f"checkpoint in {source} was written with strategies {sorted(states)}, the config has {sorted(expected)}")
+    for i, plugin in enumerate(run.plugins):
+        key = f"{i}:{getattr(plugin, 'name', type(plugin).__name__)}"
+        if key not in states:
+            continue
+        try:
+            plugin.load_state_dict(states[key], model=run.model)
+        except TypeError:
+            plugin.load_state_dict(states[key])
+
+
+def evaluate_row(run: Run) -> tuple[list[float], float | None]:
+    """Accuracy on every task, and on the control set when there is one."""
+    n = len(run.stream.tasks)
+    row = [run.evaluator.accuracy(run.model, t, device=run.device, autocast_dtype=run.amp) for t in range(n)]
+    control = None
+    if run.stream.control is not None and run.config.eval.control:
+        control = run.evaluator.accuracy(run.model, n, device=run.device, autocast_dtype=run.amp)
+    return row, control
+
+
+def execute(run: Run, resume: bool = False) -> Any:
+    """Train through the stream, evaluating after each experience; returns RunResults."""
+    from cl_proxyfda.plots import render_all
+    from cl_proxyfda.results import RunResults
+
+    cfg = run.config
+    out = run.out_dir
+    _check_out_dir(out, resume)
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    results = None
+    state = ckpt.load_latest_checkpoint(ckpt_dir) if resume else None
+    if state is not None:
+        if state.get("model_name") != cfg.model.name:
+            raise UserError(f"checkpoint in {ckpt_dir} is for model {state.get('model_name')!r}, the config names {cfg.model.name!r}")
+        try:
+            unwrap(run.model).load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise UserError(f"checkpoint in {ckpt_dir} does not fit the model: {str(exc).splitlines()[0]}") from None
+        unwrap(run.model).text_changed()
+        _load_plugin_states(run, state["plugins"], ckpt_dir)
+        results = RunResults.from_dict(state["results"])
+        ckpt.set_rng_state(state["rng"])
+        start = int(state["experience"])
+        run.strategy.clock.train_exp_counter = start
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    logger = _make_logger(run)
+    run.logger = logger
+    n = len(run.stream.tasks)
+    t0 = time.time()
+    if results is None:
+        results = RunResults(task_names=run.task_names)
+        results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
+        row, control = evaluate_row(run)
+        results.add_row(row, control=control, diagnostics=_diagnostics(run))
+        results.save(out)
+        if logger is not None:
+            logger.log_row(results, 0)
+    else:
+        print(f"resuming {out} after experience {start}/{n}", file=sys.stderr)
+    for i in range(start, n):
+        t_exp = time.time()
+        torch.manual_seed(cfg.run.seed * 1_000_003 + i)
+        _before_experience(run, i)
+        run.strategy.train(run.benchmark.train_stream[i])
+        train_seconds = time.time() - t_exp
+        row, control = evaluate_row(run)
+        diag = _diagnostics(run)
+        diag.update({"train_seconds": train_seconds, "seconds": time.time() - t_exp, "peak_memory_mb": peak_memory_mb(run.device)})
+        results.add_row(row, control=control, diagnostics=diag)
+        results.meta["wall_seconds"] = results.meta.get("wall_seconds", 0.0) + (time.time() - t_exp)
+        results.meta["peak_memory_mb"] = peak_memory_mb(run.device)
+        results.save(out)
+        if cfg.checkpoint.enabled:
+            ckpt.save_checkpoint(
+                ckpt_dir,
+                i + 1,
+                {"model": unwrap(run.model).state_dict(), "model_name": cfg.model.name, "plugins": _plugin_states(run.plugins), "results": results.to_dict()},
+                keep_last=cfg.checkpoint.keep_last,
+            )
+        if logger is not None:
+            logger.log_row(results, i + 1)
+        print(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else ""), file=sys.stderr)
+    if cfg.logging.plots:
+        render_all(results, out)
+    if logger is not None:
+        logger.log_final(results)
+        logger.finish()
+    print(results.format_table())
+    print(f"results: {out}")
+    return results
+
+
+def _before_experience(run: Run, index: int) -> None:
+    """Per-experience preparation shared by all plugins (hard-mining similarities)."""
+    cfg = run.config
+    if cfg.train.sampler == "class_balanced" and cfg.train.hard_class_mining:
+        from cl_proxyfda.benchmarks.samplers import class_mean_similarity
+
+        task = run.stream.tasks[index]
+        feats, labels = _pretrained_train_features(run, index)
+        run.strategy.class_similarity[index] = class_mean_similarity(feats, labels)
+
+
+def _pretrained_train_features(run: Run, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    teacher = run.strategy.teachers.get(run.model, "pretrained")
+    ds = run.benchmark.train_stream[index].dataset.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=run.config.eval.batch_size, shuffle=False, num_workers=run.config.train.workers)
+    feats, labels = [], []
+    with torch.no_grad():
+        for batch in loader:
+            feats.append(teacher.encode_image(batch[0].to(run.device)).float().cpu())
+            labels.append(batch[1])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _diagnostics(run: Run) -> dict[str, float]:
+    """Feature-distribution distances on the control set (pre-trained vs now)."""
+    if run.stream.control is None:
+        return {}
+    from cl_proxyfda.diagnostics import control_distances
+
+    n = len(run.stream.tasks)
+    teacher = run.strategy.teachers.get(run.model, "pretrained")
+    f_pre, y = run.evaluator.features(teacher, n, device=run.device)
+    f_cur, _ = run.evaluator.features(run.model, n, device=run.device)
+    return control_distances(f_pre, f_cur, y)
+
+
+def _make_logger(run: Run) -> Any:
+    wb = run.config.logging.wandb
+    if wb.mode == "disabled":
+        return None
+    from cl_proxyfda.wandb_logger import WandbLogger
+
+    return WandbLogger(run.out_dir, project=wb.project, entity=wb.entity, group=wb.group, name=run.config.run.name, mode=wb.mode, config=run.config.to_dict())
+
+
+def run_config(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False) -> Any:
+    """Build and execute a run (the Python entry point behind ``cl-proxyfda run``)."""
+    run = build_run(cfg, out_dir)
+    return execute(run, resume=resume)

@@ -1,0 +1,180 @@
+"""The Avalanche strategy the runner trains with.
+
+``CLStrategy`` is Avalanche's ``SupervisedTemplate`` with four project rules:
+- a fixed number of optimizer steps per experience, drawn by a seeded batch sampler
+  (uniform, or class-balanced m x n with hard class mining);
+- a fresh optimizer (AdamW/SGD over the trainable parameters only, per-task learning
+  rate) and a warm-up + cosine schedule per experience;
+- gradient clipping, and a NaN/inf guard naming the experience, iteration and terms;
+- class heads recomputed after each step when the text tower trains.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cl_proxyfda.errors import TrainingDiverged
+from cl_proxyfda.teacher import unwrap
+
+
+def warmup_cosine(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning-rate multiplier at ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class RandomBatches:
+    """Seeded uniform batches: passes over a permutation, reshuffled per pass."""
+
+    def __init__(self, n_items: int, batch_size: int, iterations: int, seed: int) -> None:
+        if n_items <= 0:
+            raise ValueError("cannot sample batches from an empty dataset")
+        self.n_items, self.batch_size, self.iterations, self.seed = n_items, batch_size, iterations, seed
+
+    def __len__(self) -> int:
+        return self.iterations
+
+    def __iter__(self) -> Iterable[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        order: list[int] = []
+        for _ in range(self.iterations):
+            batch: list[int] = []
+            while len(batch) < self.batch_size:
+                if not order:
+                    order = torch.randperm(self.n_items, generator=gen).tolist()
+                take = min(self.batch_size - len(batch), len(order))
+                batch.extend(order[:take])
+                order = order[take:]
+            yield batch
+
+
+class CLStrategy(SupervisedTemplate):
+    """SupervisedTemplate with per-experience step budgets, samplers and schedules.
+
+    Args beyond Avalanche's: ``lr_for_experience(i) -> lr``, ``iterations_for(n_items)``,
+    ``batch_sampler(experience_index, targets, iterations) -> iterable of index lists``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        criterion: nn.Module,
+        train_mb_size: int,
+        plugins: Sequence[Any],
+        device: torch.device,
+        lr_for_experience: Callable[[int], float],
+        iterations_for: Callable[[int], int],
+        batch_sampler: Callable[[int, list[int], int], Iterable[list[int]]],
+        optimizer: str = "adamw",
+        weight_decay: float = 0.0,
+        warmup: int = 0,
+        schedule: str = "cosine",
+        grad_clip: float | None = None,
+        workers: int = 0,
+        num_experiences: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        placeholder = torch.optim.SGD(params, lr=1.0)
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            criterion=criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=1,
+            eval_mb_size=train_mb_size,
+            device=device,
+            plugins=list(plugins),
+            evaluator=None,
+        )
+        self.lr_for_experience = lr_for_experience
+        self.iterations_for = iterations_for
+        self.batch_sampler_factory = batch_sampler
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.warmup = warmup
+        self.schedule = schedule
+        self.grad_clip = grad_clip
+        self.workers = workers
+        self.num_experiences = num_experiences
+        self.autocast_dtype = autocast_dtype
+        self.experience_index = 0
+        self.total_steps = 0
+        self.base_lr = 0.0
+
+    # ------------------------------------------------------------ data, optim
+    def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = True, pin_memory: Any = None, persistent_workers: bool = False, drop_last: bool = False, **kwargs: Any) -> None:
+        dataset = self.adapted_dataset
+        targets = [int(t) for t in dataset.targets]
+        self.experience_index = int(self.experience.current_experience)
+        self.total_steps = self.iterations_for(len(dataset))
+        sampler = self.batch_sampler_factory(self.experience_index, targets, self.total_steps)
+        self.dataloader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.workers,
+            collate_fn=getattr(dataset, "collate_fn", None),
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.base_lr = self.lr_for_experience(self.experience_index)
+        if self.optimizer_name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=0.9, weight_decay=self.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=self.base_lr, weight_decay=self.weight_decay)
+        self._set_lr(0)
+
+    def check_model_and_optimizer(self, **kwargs: Any) -> None:
+        self.model = self.model_adaptation()
+        self.make_optimizer(**kwargs)
+
+    def _set_lr(self, step: int) -> None:
+        factor = warmup_cosine(step, self.total_steps, self.warmup, self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * factor
+
+    # ---------------------------------------------------------------- steps
+    def forward(self) -> Any:
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return super().forward()
+        return super().forward()
+
+    def backward(self) -> None:
+        loss = self.loss
+        if not torch.isfinite(loss).all():
+            terms = {}
+            for p in self.plugins:
+                terms.update(getattr(p, "loss_terms", {}))
+            described = ", ".join(f"{k}={v:.4g}" for k, v in sorted(terms.items())) or "no plugin terms"
+            raise TrainingDiverged(
+                f"loss became {float(loss.detach())} at experience {self.experience_index + 1}, "
+                f"iteration {self.clock.train_exp_iterations + 1} (plugin terms: {described})"
+            )
+        super().backward()
+
+    def optimizer_step(self) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        super().optimizer_step()
+
+    def _after_update(self, **kwargs: Any) -> None:
+        model = unwrap(self.model)
+        if getattr(model, "text_trainable", False):
+            model.text_changed()
+        self._set_lr(self.clock.train_exp_iterations + 1)
+        super()._after_update(**kwargs)

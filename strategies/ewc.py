@@ -1,0 +1,54 @@
+"""EWC: Avalanche's own EWCPlugin, with checkpointable state."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from avalanche.training.plugins import EWCPlugin
+from avalanche.training.utils import ParamData
+from pydantic import BaseModel, ConfigDict, Field
+
+from cl_proxyfda.registry import STRATEGIES
+
+
+class EWCParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ewc_lambda: float = Field(100.0, ge=0)
+    mode: Literal["separate", "online"] = "separate"
+    decay_factor: Optional[float] = Field(None, ge=0, le=1, description="online mode only")
+
+
+class EWC(EWCPlugin):
+    """Avalanche's EWC (Fisher importance computed at the end of each experience)."""
+
+    name = "ewc"
+    needs_layers: tuple[str, ...] = ()
+
+    def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None) -> None:
+        super().__init__(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)
+        self.loss_terms: dict[str, float] = {}
+
+    @staticmethod
+    def _dump(table: dict) -> dict:
+        return {int(exp): {name: pd.data.clone() for name, pd in params.items()} for exp, params in table.items()}
+
+    @staticmethod
+    def _restore(dumped: dict) -> dict:
+        return {int(exp): {name: ParamData(name, init_tensor=t) for name, t in params.items()} for exp, params in dumped.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved_params": self._dump(self.saved_params), "importances": self._dump(self.importances)}
+
+    def load_state_dict(self, state: dict[str, Any], model: Any = None) -> None:
+        self.saved_params.clear()
+        self.importances.clear()
+        self.saved_params.update(self._restore(state.get("saved_params", {})))
+        self.importances.update(self._restore(state.get("importances", {})))
+
+
+@STRATEGIES.register("ewc", EWCParams, help="EWC (Avalanche's plugin): Fisher-weighted L2 to earlier solutions")
+def build_ewc(params: EWCParams, **context: Any) -> EWC:
+    if params.mode == "online" and params.decay_factor is None:
+        from cl_proxyfda.errors import ConfigError
+
+        raise ConfigError("strategies.decay_factor", "EWC online mode needs decay_factor")
+    return EWC(params.ewc_lambda, params.mode, params.decay_factor)

@@ -1,0 +1,263 @@
+"""Proxy-FDA and FDA: keep the reference space's neighbourhood structure (methods.md 1).
+
+``ProxyFDAPlugin`` adds ``weight * L_FDA + L_generator`` to the strategy's loss in
+``before_backward``. The learnable ``tau``, ``b`` and the proxy generator live in the
+plugin's own AdamW optimizer, stepped in ``after_update``; the generator loss reaches
+only the generator (it reads detached features) and the FDA loss never reaches the
+generator (its pooling weights are detached), so one backward serves both.
+
+Registered as ``proxy_fda`` (proxies on) and ``fda`` (the same plugin without proxies).
+
+Graph options (``graph``):
+
+- ``batch`` (default): ``R_i`` = the K most similar batch members of anchor i in the
+  reference space (methods.md step 3).
+- ``bank``: at the start of each experience, the reference model's features of the
+  whole training set of the experience (eval transform) go into a ``FeatureBank``. For
+  each anchor, the bank gives the similarity of its K-th nearest training image
+  (searching K + 1 and dropping the first hit, which is taken to be the anchor's own
+  image: the batch is drawn from the bank's data, and the anchor's augmented view is
+  nearest to its own clean image). A batch member j is a positive of i iff
+  ``Sh[i, j]`` reaches that similarity, i.e. j would be among i's K nearest in the
+  whole training set (at most K positives, possibly none). This needs no dataset
+  indices and only marks true global neighbours as positives, at the price of rows
+  with few positives in random batches: use it with the class-balanced, hard-mined
+  sampler.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from cl_proxyfda.errors import UserError
+from cl_proxyfda.knn import FeatureBank
+from cl_proxyfda.losses.fda import (
+    ProxyGenerator,
+    fda_loss,
+    generator_loss,
+    graph_mask,
+    knn_graph,
+    make_proxies,
+    threshold_graph,
+)
+from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.teacher import student_outputs, teacher_bank, teacher_outputs, unwrap
+
+_LAYER = re.compile(r"^(embed|ln_pre|block[1-9][0-9]*)$")
+
+
+class FDAParams(BaseModel):
+    """Options of FDA (Proxy-FDA without proxies)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0, description="lambda, the weight of the FDA loss (tune per setting)")
+    k: int = Field(8, ge=1, description="K neighbours in the reference-space graph; must be < batch size and > images per class")
+    tau_init: float = Field(0.1, gt=0, description="initial temperature tau (log-parametrised)")
+    bias_init: float = Field(0.0, description="initial bias b")
+    learn_tau_bias: bool = Field(True, description="learn tau and b (false: keep them fixed)")
+    tau_bias_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of log tau and b")
+    feature: str = Field("embed", description="'embed' (final image embedding) or a layer: ln_pre, block1, block2, ...")
+    reference: Literal["pretrained", "previous"] = Field("pretrained", description="the frozen reference f0")
+    neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
+    graph: Literal["batch", "bank"] = Field("batch", description="neighbours from the batch, or from a bank of the experience's training set")
+    bank_batch_size: int = Field(256, ge=1, description="graph: bank: batch size of the feature pass over the training set")
+
+    @field_validator("feature")
+    @classmethod
+    def _known_feature(cls, value: str) -> str:
+        if not _LAYER.match(value):
+            raise ValueError(f"feature must be 'embed', 'ln_pre' or 'block<i>', got {value!r}")
+        return value
+
+
+class ProxyFDAParams(FDAParams):
+    """Options of Proxy-FDA (FDA plus generated proxies)."""
+
+    proxies: bool = Field(True, description="add generated proxies (false: plain FDA)")
+    n_proxies: int = Field(4, ge=1, description="proxies per positive and per negative set")
+    generator_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the proxy generator")
+    generator_alpha: float = Field(1.0, ge=0, description="weight of the diversity term in the generator loss")
+    generator_temperature: float = Field(0.1, gt=0, description="temperature of the generator's InfoNCE terms")
+
+
+class ProxyFDAPlugin(CLPlugin):
+    """Adds ``weight * L_FDA (+ proxies) + L_generator`` in ``before_backward``."""
+
+    def __init__(self, params: ProxyFDAParams) -> None:
+        super().__init__()
+        self.params = params
+        self.name = "proxy_fda" if params.proxies else "fda"
+        self.needs_layers = () if params.feature == "embed" else (params.feature,)
+        self.head = nn.Module()
+        self.head.log_tau = nn.Parameter(torch.tensor(math.log(params.tau_init)), requires_grad=params.learn_tau_bias)
+        self.head.bias = nn.Parameter(torch.tensor(float(params.bias_init)), requires_grad=params.learn_tau_bias)
+        self.generator: ProxyGenerator | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.dim: int | None = None
+        self.bank: FeatureBank | None = None
+        if not params.proxies:
+            self._setup(None)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def tau(self) -> float:
+        return float(self.head.log_tau.detach().exp())
+
+    @property
+    def bias(self) -> float:
+        return float(self.head.bias.detach())
+
+    def _setup(self, dim: int | None) -> None:
+        """Create the generator (once the feature size is known) and the optimizer."""
+        groups = []
+        if self.params.learn_tau_bias:
+            groups.append({"params": [self.head.log_tau, self.head.bias], "lr": self.params.tau_bias_lr, "weight_decay": 0.0})
+        if self.params.proxies:
+            assert dim is not None
+            self.dim = dim
+            self.generator = ProxyGenerator(dim, self.params.n_proxies).to(self.head.log_tau.device)
+            self.head.generator = self.generator
+            groups.append({"params": list(self.generator.parameters()), "lr": self.params.generator_lr})
+        self.optimizer = torch.optim.AdamW(groups) if groups else None
+
+    def _to_device(self, device: torch.device) -> None:
+        if self.head.log_tau.device == device:
+            return
+        state = self.optimizer.state_dict() if self.optimizer is not None else None
+        self.head.to(device)
+        if self.optimizer is not None and state is not None:
+            self.optimizer.load_state_dict(state)  # moves the moment estimates to the new device
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "log_tau": self.head.log_tau.detach().cpu().clone(),
+            "bias": self.head.bias.detach().cpu().clone(),
+            "dim": -1 if self.dim is None else int(self.dim),
+            "generator": {} if self.generator is None else {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
+            "optimizer": {} if self.optimizer is None else self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        unknown = set(state) - {"log_tau", "bias", "dim", "generator", "optimizer"}
+        if unknown:
+            raise ValueError(f"plugin {self.name} got state it does not know: {sorted(unknown)}")
+        with torch.no_grad():
+            self.head.log_tau.copy_(state["log_tau"])
+            self.head.bias.copy_(state["bias"])
+        if self.params.proxies and state["dim"] > 0:
+            if self.generator is None or self.dim != state["dim"]:
+                self._setup(int(state["dim"]))
+            self.generator.load_state_dict(state["generator"])
+        if self.optimizer is not None and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    # --------------------------------------------------------------- features
+    def _student_features(self, strategy: Any) -> Tensor:
+        out = student_outputs(strategy)
+        if self.params.feature == "embed":
+            return out["image_embeds"].float()
+        layers = out.get("layers", {})
+        if self.params.feature not in layers:
+            raise UserError(f"{self.name}: the model did not record layer {self.params.feature!r} (capture_layers was not called)")
+        return F.normalize(layers[self.params.feature].float(), dim=-1)
+
+    def _teacher_features(self, strategy: Any) -> Tensor:
+        if self.params.feature == "embed":
+            return teacher_outputs(strategy, self.params.reference)["image_embeds"].float()
+        out = teacher_outputs(strategy, self.params.reference, self.needs_layers)
+        return F.normalize(out["layers"][self.params.feature].float(), dim=-1)
+
+    @torch.no_grad()
+    def _bank_features(self, strategy: Any) -> Tensor:
+        """Reference features of the experience's training set, eval transform."""
+        teacher = teacher_bank(strategy).get(strategy.model, self.params.reference)
+        if self.needs_layers:
+            teacher.capture_layers(self.needs_layers)
+        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=self.params.bank_batch_size, shuffle=False)
+        param = next(teacher.parameters())
+        feats = []
+        for batch in loader:
+            teacher.last = {}
+            emb = teacher.encode_image(batch[0].to(param.device, param.dtype))
+            if self.needs_layers:
+                emb = F.normalize(teacher.last["layers"][self.params.feature], dim=-1)
+            feats.append(emb.float().cpu())
+        return torch.cat(feats)
+
+    def _graph(self, sim_h: Tensor, zh: Tensor) -> Tensor:
+        """The (B, B) positive mask of the batch (see the module docstring)."""
+        b = sim_h.shape[0]
+        k = min(self.params.k, b - 1)  # a short last batch keeps working with fewer neighbours
+        if self.params.graph == "batch":
+            return graph_mask(knn_graph(sim_h, k), b)
+        assert self.bank is not None
+        depth = min(k + 1, len(self.bank))
+        sims, _ = self.bank.search(zh, depth)
+        kth = sims[:, depth - 1].to(sim_h.device)
+        return threshold_graph(sim_h, kth, k)
+
+    # -------------------------------------------------------------- callbacks
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        batch = getattr(strategy, "train_mb_size", None)
+        if batch is not None and self.params.k >= batch:
+            raise UserError(f"{self.name}.k: K = {self.params.k} neighbours need batches of more than K images (batch size {batch})")
+        if self.needs_layers:
+            unwrap(strategy.model).capture_layers(self.needs_layers)
+        if self.params.reference == "previous":
+            teacher_bank(strategy).refresh_previous(strategy.model)
+        if self.params.graph == "bank":
+            feats = self._bank_features(strategy)
+            if len(feats) < 2:
+                raise UserError(f"{self.name}.graph: bank needs at least 2 training images, got {len(feats)}")
+            self.bank = FeatureBank(feats)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        z = self._student_features(strategy)
+        if z.shape[0] < 2:
+            return
+        zh = self._teacher_features(strategy)
+        if self.params.proxies and self.generator is None:
+            self._setup(z.shape[1])
+        self._to_device(z.device)
+        sim_h = zh @ zh.t()
+        positives = self._graph(sim_h, zh)
+        proxies = None
+        gen_loss = None
+        if self.generator is not None:
+            pooling = self.generator(z, sim_h, positives)
+            proxies = make_proxies(z, sim_h, pooling, self.params.neg_weight)
+            gen_loss = generator_loss(
+                z, pooling, positives, temperature=self.params.generator_temperature, alpha=self.params.generator_alpha
+            )
+        loss = fda_loss(z, zh, self.params.k, self.head.log_tau, self.head.bias, self.params.neg_weight, proxies, positives)
+        self.loss_terms[self.name] = float(loss.detach())
+        total = self.params.weight * loss
+        if gen_loss is not None:
+            self.loss_terms[f"{self.name}_generator"] = float(gen_loss.detach())
+            total = total + gen_loss
+        strategy.loss = strategy.loss + total
+
+    def after_update(self, strategy: Any, **kwargs: Any) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+@STRATEGIES.register("proxy_fda", ProxyFDAParams, help="Proxy-FDA: neighbourhood-preserving feature alignment with generated proxies")
+def build_proxy_fda(params: ProxyFDAParams, **context: Any) -> ProxyFDAPlugin:
+    return ProxyFDAPlugin(params)
+
+
+@STRATEGIES.register("fda", FDAParams, help="FDA: neighbourhood-preserving feature alignment (Proxy-FDA without proxies)")
+def build_fda(params: FDAParams, **context: Any) -> ProxyFDAPlugin:
+    return ProxyFDAPlugin(ProxyFDAParams(**params.model_dump(), proxies=False))

@@ -1,0 +1,53 @@
+"""WiSE-FT: interpolate the fine-tuned weights with the pre-trained ones."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cl_proxyfda.losses.regularizers import interpolate_weights
+from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.teacher import teacher_bank, unwrap
+
+
+class WiSEFTParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(0.5, ge=0, le=1, description="theta = (1 - alpha) theta_0 + alpha theta")
+    when: Literal["every_experience", "end"] = "every_experience"
+
+
+class WiSEFTPlugin(CLPlugin):
+    """After training an experience (or the last one), move the weights to the interpolation."""
+
+    name = "wiseft"
+
+    def __init__(self, alpha: float = 0.5, when: str = "every_experience") -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.when = when
+        self.applied = 0
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        num_exps = getattr(strategy, "num_experiences", None)
+        is_last = num_exps is not None and strategy.clock.train_exp_counter >= num_exps
+        if self.when == "end" and not is_last:
+            return
+        initial = teacher_bank(strategy).initial_state
+        if initial is None:
+            raise RuntimeError("WiSE-FT needs the strategy's initial (pre-trained) weights")
+        model = unwrap(strategy.model)
+        model.load_state_dict(interpolate_weights(initial, model.state_dict(), self.alpha))
+        model.text_changed()
+        self.applied += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.applied = int(state.get("applied", 0))
+
+
+@STRATEGIES.register("wiseft", WiSEFTParams, help="WiSE-FT: weight interpolation with the pre-trained model")
+def build_wiseft(params: WiSEFTParams, **context: Any) -> WiSEFTPlugin:
+    return WiSEFTPlugin(params.alpha, params.when)
