@@ -50,8 +50,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from cl_proxyfda.results import report
 
-    report(Path(args.run_dir))
+    table, written = report(Path(args.run_dir))
+    print(table)
+    for path in written:
+        print(f"wrote {path}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cl_proxyfda.compare import plan_comparison, run_comparison
+
+    if args.dry_run:
+        plan = plan_comparison(args.config, args.out, args.set)
+        for variant in plan.variants:
+            print(f"{variant.name}: seeds {[r.seed for r in variant.runs]} -> {plan.out_dir / 'variants' / variant.folder}")
+        print(f"ok: {len(plan.runs)} runs")
+        return 0
+    result = run_comparison(args.config, args.out, args.set)
+    print(result.markdown)
+    print(f"comparison: {result.out_dir}")
+    return 3 if any(o.status == "diverged" for o in result.outcomes) else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -103,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render the table and plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="run every variant x seed of a comparison file and tabulate them")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value of the comparison file (repeatable)")
+    p.add_argument("--out", help="comparison folder (default: output_dir/name)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("list", help="registered strategies, streams, generators and models")
     p.add_argument("--all-models", action="store_true")

@@ -140,7 +140,7 @@ def _loc_to_path(loc: tuple[Any, ...], prefix: str = "") -> str:
     return path
 
 
-def _first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
+def first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("literal_error",))))
     path = _loc_to_path(loc, prefix)
@@ -229,7 +229,7 @@ def _validate_component(kind_registry: Any, comp: NamedComponent, path: str) -> 
     try:
         entry.params(**comp.args)
     except ValidationError as exc:
-        raise _first_error(exc, path) from None
+        raise first_error(exc, path) from None
     except TypeError as exc:
         raise ConfigError(path, str(exc)) from None
 
@@ -240,7 +240,7 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
     try:
         cfg = RunConfig(**data)
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise first_error(exc) from None
     except TypeError as exc:  # keys that are not strings
         raise ConfigError("", f"invalid section keys: {exc}") from None
     _validate_component(STREAMS, cfg.stream, "stream")

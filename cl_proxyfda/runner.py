@@ -257,37 +257,63 @@ def evaluate_row(run: Run) -> tuple[list[float], float | None]:
     return row, control
 
 
-def execute(run: Run, resume: bool = False) -> Any:
-    """Train through the stream, evaluating after each experience; returns RunResults."""
-    from cl_proxyfda.plots import render_all
+def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
+    """Train through the stream, evaluating after each experience; returns RunResults.
+
+    ``quiet`` suppresses the per-experience lines and the final table (comparisons).
+    """
     from cl_proxyfda.results import RunResults
 
     cfg = run.config
     out = run.out_dir
     _check_out_dir(out, resume)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     ckpt_dir = out / "checkpoints"
-    start = 0
     results = None
+    start = 0
     state = ckpt.load_latest_checkpoint(ckpt_dir) if resume else None
     if state is not None:
-        if state.get("model_name") != cfg.model.name:
-            raise UserError(f"checkpoint in {ckpt_dir} is for model {state.get('model_name')!r}, the config names {cfg.model.name!r}")
-        try:
-            unwrap(run.model).load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise UserError(f"checkpoint in {ckpt_dir} does not fit the model: {str(exc).splitlines()[0]}") from None
-        unwrap(run.model).text_changed()
-        _load_plugin_states(run, state["plugins"], ckpt_dir)
+        _restore(run, state, ckpt_dir)
         results = RunResults.from_dict(state["results"])
-        ckpt.set_rng_state(state["rng"])
         start = int(state["experience"])
-        run.strategy.clock.train_exp_counter = start
     out.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    logger = _make_logger(run)
-    run.logger = logger
+    run.logger = _make_logger(run)
+    exit_code = 1
+    try:
+        results = _train_stream(run, results, start, quiet)
+        exit_code = 0
+    finally:
+        if run.logger is not None:
+            run.logger.finish(exit_code=exit_code)
+    return results
+
+
+def _restore(run: Run, state: dict[str, Any], ckpt_dir: Path) -> None:
+    cfg = run.config
+    if state.get("model_name") != cfg.model.name:
+        raise UserError(f"checkpoint in {ckpt_dir} is for model {state.get('model_name')!r}, the config names {cfg.model.name!r}")
+    model = unwrap(run.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint in {ckpt_dir} does not fit the model: {str(exc).splitlines()[0]}") from None
+    model.text_changed()
+    done = int(state["experience"])
+    model.known_train_tasks_labels = set(range(done))
+    _load_plugin_states(run, state["plugins"], ckpt_dir)
+    ckpt.set_rng_state(state["rng"])
+    run.strategy.clock.train_exp_counter = done
+
+
+def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
+    from cl_proxyfda.plots import render_all
+    from cl_proxyfda.results import RunResults
+
+    cfg, out, logger = run.config, run.out_dir, run.logger
     n = len(run.stream.tasks)
-    t0 = time.time()
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     if results is None:
         results = RunResults(task_names=run.task_names)
         results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
@@ -297,7 +323,7 @@ def execute(run: Run, resume: bool = False) -> Any:
         if logger is not None:
             logger.log_row(results, 0)
     else:
-        print(f"resuming {out} after experience {start}/{n}", file=sys.stderr)
+        say(f"resuming {out} after experience {start}/{n}")
     for i in range(start, n):
         t_exp = time.time()
         torch.manual_seed(cfg.run.seed * 1_000_003 + i)
@@ -313,21 +339,20 @@ def execute(run: Run, resume: bool = False) -> Any:
         results.save(out)
         if cfg.checkpoint.enabled:
             ckpt.save_checkpoint(
-                ckpt_dir,
+                out / "checkpoints",
                 i + 1,
                 {"model": unwrap(run.model).state_dict(), "model_name": cfg.model.name, "plugins": _plugin_states(run.plugins), "results": results.to_dict()},
                 keep_last=cfg.checkpoint.keep_last,
             )
         if logger is not None:
             logger.log_row(results, i + 1)
-        print(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else ""), file=sys.stderr)
-    if cfg.logging.plots:
-        render_all(results, out)
+        say(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else ""))
+    images = render_all(results, out) if cfg.logging.plots else []
     if logger is not None:
-        logger.log_final(results)
-        logger.finish()
-    print(results.format_table())
-    print(f"results: {out}")
+        logger.log_final(results, images=images)
+    if not quiet:
+        print(results.format_table())
+        print(f"results: {out}")
     return results
 
 
@@ -376,7 +401,7 @@ def _make_logger(run: Run) -> Any:
     return WandbLogger(run.out_dir, project=wb.project, entity=wb.entity, group=wb.group, name=run.config.run.name, mode=wb.mode, config=run.config.to_dict())
 
 
-def run_config(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False) -> Any:
+def run_config(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> Any:
     """Build and execute a run (the Python entry point behind ``cl-proxyfda run``)."""
     run = build_run(cfg, out_dir)
-    return execute(run, resume=resume)
+    return execute(run, resume=resume, quiet=quiet)

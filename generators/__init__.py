@@ -1,0 +1,1 @@
+from cl_proxyfda.generators import diffusers_backend  # noqa: F401

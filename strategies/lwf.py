@@ -46,6 +46,7 @@ class LwF(LwFPlugin):
                 raise ValueError("LwF needs the model to restore its previous-model copy")
             lwf.prev_model = copy.deepcopy(unwrap(model))
             lwf.prev_model.load_state_dict(state["prev_model"])
+            lwf.prev_model.known_train_tasks_labels = set(lwf.prev_classes_by_task)
 
 
 @STRATEGIES.register("lwf", LwFParams, help="LwF (Avalanche's plugin): distillation from the previous model")

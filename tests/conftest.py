@@ -8,6 +8,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# W&B keeps artifact staging, cache and settings outside the run folder: keep them in tmp.
+import tempfile  # noqa: E402
+
+_wandb_home = tempfile.mkdtemp(prefix="clpfda-wandb-")
+for _var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    os.environ.setdefault(_var, os.path.join(_wandb_home, _var.lower()))
 
 from pathlib import Path  # noqa: E402
 

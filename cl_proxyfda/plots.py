@@ -1,0 +1,144 @@
+"""PNG plots of a run: accuracy-matrix heatmap and stability-plasticity curves.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no change to
+the global backend). Every PNG is written atomically. Partial runs (fewer rows than
+T + 1) render too: missing rows are left blank.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from cl_proxyfda import metrics
+from cl_proxyfda.results import safe_name, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from cl_proxyfda.results import RunResults
+
+__all__ = ["plot_accuracy_matrix", "plot_stability_plasticity", "render_all"]
+
+DPI = 110
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_accuracy_matrix(results: "RunResults", path: str | Path, name: str | None = None) -> Path:
+    """Heatmap of the accuracy matrix (or extra matrix ``name``) with values.
+
+    Rows 0..T (row 0 = zero-shot, rows not evaluated yet stay blank), one column per
+    task, plus a ``control`` column when the run has a control set.
+    """
+    tasks = list(results.task_names)
+    n_tasks = len(tasks)
+    grid = np.full((n_tasks + 1, n_tasks), np.nan)
+    have = results.matrix(name)
+    grid[: have.shape[0]] = have
+    columns = tasks
+    if name is None and results.control:
+        control = np.full((n_tasks + 1, 1), np.nan)
+        control[: len(results.control), 0] = results.control
+        grid = np.hstack([grid, control])
+        columns = tasks + ["control"]
+
+    n_rows, n_cols = grid.shape
+    fig = Figure(figsize=(1.6 + 0.62 * n_cols, 1.2 + 0.45 * n_rows))
+    ax = fig.add_subplot()
+    if name is None:
+        vmin, vmax, unit = 0.0, 100.0, "%"
+    else:  # an extra matrix keeps its own scale
+        finite = grid[np.isfinite(grid)]
+        vmin = float(finite.min()) if finite.size else 0.0
+        vmax = float(finite.max()) if finite.size else 1.0
+        vmax = vmax if vmax > vmin else vmin + 1.0
+        unit = name
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=vmin, vmax=vmax,
+                      aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label=unit)
+    font = max(5, 9 - n_cols // 6)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            value = grid[i, j]
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=font,
+                        color="black" if (value - vmin) > 0.6 * (vmax - vmin) else "white")
+    if name is None and results.control:
+        ax.axvline(n_tasks - 0.5, color="white", linewidth=2)
+    ax.set_xticks(range(n_cols), labels=columns, rotation=45, ha="right", fontsize=font + 1)
+    ax.set_yticks(range(n_rows),
+                  labels=[f"{i} {results.row_label(i)}" for i in range(n_rows)],
+                  fontsize=font + 1)
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after experience")
+    title = "Accuracy (%)" if name is None else name
+    if not results.complete:
+        title += f"  ({max(results.experiences_done, 0)}/{n_tasks} experiences)"
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
+    """Per experience: accuracy on the task just learned (plasticity), mean accuracy on
+    tasks seen so far, and control retention (stability), all in %."""
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    n_rows = len(results.rows)
+    if n_rows:
+        a = results.matrix()
+        steps = list(range(1, n_rows))
+        new_task = metrics.diagonal(a)
+        seen = metrics.seen_accuracy(a)[1:]
+        if steps:
+            ax.plot(steps, [np.nan if v is None else v for v in new_task], marker="o",
+                    label="accuracy on the task just learned")
+            ax.plot(steps, [np.nan if v is None else v for v in seen], marker="s",
+                    label="mean accuracy on tasks seen so far")
+        if results.control:
+            ax.plot(range(n_rows), results.control, marker="^", linestyle="--",
+                    label="control retention")
+        if not steps and not results.control:
+            ax.plot([0], [float(np.mean(a[0]))], marker="o", label="zero-shot mean accuracy")
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center",
+                transform=ax.transAxes)
+    total = results.num_tasks
+    ax.set_xlim(-0.3, total + 0.3)
+    ax.set_ylim(0.0, 102.0)
+    ax.set_xticks(range(total + 1),
+                  labels=[f"{i}\n{results.row_label(i)}" for i in range(total + 1)],
+                  fontsize=7, rotation=0 if total <= 6 else 45,
+                  ha="center" if total <= 6 else "right")
+    ax.set_xlabel("experience")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    title = "Stability-plasticity"
+    if not results.complete:
+        title += f"  ({max(results.experiences_done, 0)}/{total} experiences)"
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
+def render_all(results: "RunResults", run_dir: str | Path) -> list[Path]:
+    """Write ``accuracy_matrix.png``, ``stability_plasticity.png`` and one
+    ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    written = [
+        plot_accuracy_matrix(results, run_dir / "accuracy_matrix.png"),
+        plot_stability_plasticity(results, run_dir / "stability_plasticity.png"),
+    ]
+    for name in results.extra_matrices:
+        written.append(
+            plot_accuracy_matrix(results, run_dir / f"{safe_name(name)}_matrix.png", name=name)
+        )
+    return written

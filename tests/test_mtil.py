@@ -1,0 +1,340 @@
+"""MTIL: metadata, orders, templates, splits, and streams built from local files.
+
+Nothing is downloaded: torchvision-format tests write tiny copies of the datasets'
+on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397) for torchvision's own
+dataset classes to read; Aircraft, CIFAR100, Flowers, Food, OxfordPet and StanfordCars
+need their real files (md5-checked archives or .mat metadata) and are not loaded here.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as tvd
+from PIL import Image
+
+import cl_proxyfda.benchmarks  # noqa: F401  (registers the streams)
+from cl_proxyfda.benchmarks.mtil import (
+    EUROSAT_FOLDERS,
+    MTIL_DATASETS,
+    MTIL_ORDER_I,
+    MTIL_ORDER_II,
+    MTILStreamParams,
+    TORCHVISION_LOADERS,
+    benchmark_classnames,
+    build_mtil_stream,
+    mtil_classnames,
+    mtil_task_names,
+    mtil_templates,
+    random_split_indices,
+)
+from cl_proxyfda.errors import ConfigError, UserError
+from cl_proxyfda.registry import STREAMS
+
+PROTOCOL_COUNTS = {
+    "Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10, "Flowers": 102,
+    "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196, "SUN397": 397,
+}  # fmt: skip
+OFFLINE_NAMES = {"Caltech101", "EuroSAT", "Flowers", "MNIST", "OxfordPet"}
+
+
+def write_image(path: Path, value: int, size: int = 6, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    Image.fromarray(np.full(shape, value % 256, dtype=np.uint8), mode=mode).save(path)
+
+
+def build(**args):
+    return build_mtil_stream(MTILStreamParams(**args))
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_orders_match_protocol() -> None:
+    assert MTIL_ORDER_I == [
+        "Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers",
+        "Food", "MNIST", "OxfordPet", "StanfordCars", "SUN397",
+    ]  # fmt: skip
+    assert MTIL_ORDER_II == [
+        "StanfordCars", "Food", "MNIST", "OxfordPet", "Flowers", "SUN397",
+        "Aircraft", "Caltech101", "DTD", "EuroSAT", "CIFAR100",
+    ]  # fmt: skip
+    assert sorted(MTIL_ORDER_II) == sorted(MTIL_ORDER_I) == sorted(MTIL_DATASETS)
+    assert mtil_task_names("II", ["eurosat", "MNIST"]) == ["MNIST", "EuroSAT"]
+    assert mtil_task_names("I", ["mnist", "EuroSAT"]) == ["EuroSAT", "MNIST"]
+
+
+def test_class_counts() -> None:
+    assert {n: d.num_classes for n, d in MTIL_DATASETS.items()} == PROTOCOL_COUNTS
+    for name in MTIL_ORDER_I:
+        names = mtil_classnames(name)
+        if name in OFFLINE_NAMES:
+            assert names is not None and len(names) == PROTOCOL_COUNTS[name], name
+            assert len(set(names)) == len(names), name
+        else:  # read from the downloaded torchvision dataset at build time
+            assert names is None, name
+
+
+def test_offline_class_names_line_up_with_torchvision() -> None:
+    caltech = mtil_classnames("Caltech101")
+    assert benchmark_classnames("caltech101")[0] == "background" and "background" not in caltech
+    assert caltech[:4] == ["off-center face", "centered face", "leopard", "motorbike"]  # Faces, Faces_easy, ...
+    assert caltech[-1] == "yin and yang symbol"
+    eurosat = mtil_classnames("EuroSAT")
+    assert eurosat[0] == "annual crop land" and eurosat[-1] == "lake or sea" and len(EUROSAT_FOLDERS) == 10
+    flowers = mtil_classnames("Flowers")
+    differ = [i for i, (a, b) in enumerate(zip(flowers, tvd.Flowers102.classes)) if a != b]
+    assert differ == [15, 59, 92]  # CLIP's curated names; same classes, same order
+    assert mtil_classnames("MNIST") == [str(d) for d in range(10)]
+    pets = mtil_classnames("OxfordPet")
+    assert pets[0] == "Abyssinian" and pets[-1] == "Yorkshire Terrier"
+
+
+def test_templates() -> None:
+    first = {
+        "Aircraft": "a photo of a {}, a type of aircraft.",
+        "EuroSAT": "a centered satellite photo of {}.",
+        "MNIST": 'a photo of the number: "{}".',
+        "Flowers": "a photo of a {}, a type of flower.",
+        "OxfordPet": "a photo of a {}, a type of pet.",
+        "DTD": "a photo of a {} texture.",
+        "Food": "a photo of {}, a type of food.",
+    }
+    for name in MTIL_ORDER_I:
+        templates = mtil_templates(name)
+        assert templates, name
+        for t in templates:
+            assert "{}" in t and "{c}" not in t, (name, t)
+            assert t.format("x") != t
+        assert len(set(templates)) == len(templates), name
+        if name in first:
+            assert templates[0] == first[name], name
+    assert len(mtil_templates("Caltech101")) == 34 and len(mtil_templates("CIFAR100")) == 18
+
+
+def test_random_split_is_torch_random_split() -> None:
+    for n in (10, 37, 1001):
+        train, test = random_split_indices(n)
+        ref = torch.utils.data.random_split(range(n), [int(0.8 * n), n - int(0.8 * n)], torch.Generator().manual_seed(42))
+        assert train == list(ref[0].indices) and test == list(ref[1].indices)
+        assert sorted(train + test) == list(range(n))
+    assert random_split_indices(50) == random_split_indices(50)
+
+
+def test_every_dataset_has_a_torchvision_loader() -> None:
+    assert set(TORCHVISION_LOADERS) == set(MTIL_DATASETS)
+    assert STREAMS.get("mtil").params is MTILStreamParams
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def make_folder_copy(root: Path, per_class: int = 3) -> Path:
+    """EuroSAT and MNIST as root/NAME/{train,test}/CLASS with their real class names."""
+    for split in ("train", "test"):
+        for k, name in enumerate(mtil_classnames("EuroSAT")):
+            for i in range(per_class):
+                write_image(root / "EuroSAT" / split / name.replace(" ", "_") / f"{i}.png", 20 * k + i)
+        for k in range(10):
+            for i in range(per_class):
+                write_image(root / "MNIST" / split / str(k) / f"{i}.png", 20 * k + i, mode="L")
+    return root
+
+
+def test_image_folder_copy_of_two_tasks(tmp_path: Path) -> None:
+    root = make_folder_copy(tmp_path / "mtil")
+    for order, expected in (("I", ["EuroSAT", "MNIST"]), ("II", ["MNIST", "EuroSAT"])):
+        data = STREAMS.build("mtil", {"root": str(root), "format": "image_folder", "order": order, "tasks": ["EuroSAT", "MNIST"]})
+        assert [t.name for t in data.tasks] == expected
+        assert data.control is None
+    eurosat, mnist = build(root=str(root), format="image_folder", tasks=["MNIST", "EuroSAT"]).tasks
+    assert eurosat.classnames == mtil_classnames("EuroSAT") and mnist.classnames == [str(d) for d in range(10)]
+    assert eurosat.templates == mtil_templates("EuroSAT") and mnist.templates == mtil_templates("MNIST")
+    assert eurosat.vocabulary.prompts()[1][0] == "a centered satellite photo of forest."
+    # labels follow the canonical class order, not the sorted folder names
+    for ds in (eurosat.train, eurosat.test):
+        for path, label in zip(ds.paths, ds.targets):
+            assert path.parent.name.replace("_", " ") == eurosat.classnames[label]
+    image, label = mnist.test[7]
+    assert image.mode == "RGB" and label == 2 and np.asarray(image)[0, 0, 0] == 20 * 2 + 1
+    assert (len(eurosat.train), len(eurosat.test)) == (30, 30)
+
+
+def test_image_folder_with_torchvision_folder_names(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        for k, folder in enumerate(EUROSAT_FOLDERS):
+            write_image(tmp_path / "EuroSAT" / split / folder / "0.png", k)
+    task = build(root=str(tmp_path), format="image_folder", tasks=["EuroSAT"], folder_classes="sorted").tasks[0]
+    assert task.classnames == mtil_classnames("EuroSAT")
+    assert [p.parent.name for p in task.test.paths] == EUROSAT_FOLDERS and task.test.targets == list(range(10))
+    with pytest.raises(UserError, match="match no known class name"):
+        build(root=str(tmp_path), format="image_folder", tasks=["EuroSAT"])
+
+
+def test_image_folder_class_count_checks(tmp_path: Path) -> None:
+    root = make_folder_copy(tmp_path / "mtil", per_class=1)
+    for split in ("train", "test"):
+        (root / "EuroSAT" / split / "river").rename(root / "EuroSAT" / split / "x")
+        for c in ("banded", "bubbly", "zigzagged"):
+            write_image(root / "DTD" / split / c / "0.png", 1)
+    with pytest.raises(UserError, match=r"EuroSAT.*class folders \['x'\] match no known class name"):
+        build(root=str(root), format="image_folder", tasks=["EuroSAT"])
+    with pytest.raises(UserError, match="has 3 classes, expected 47"):
+        build(root=str(root), format="image_folder", tasks=["DTD"])
+    with pytest.raises(UserError, match=r"stream.tasks: task folder .*/Food does not exist"):
+        build(root=str(root), format="image_folder", tasks=["MNIST", "Food"])
+
+
+def test_few_shot_determinism_and_too_many_shots(tmp_path: Path) -> None:
+    root = make_folder_copy(tmp_path / "mtil", per_class=4)
+    args = dict(root=str(root), format="image_folder", tasks=["EuroSAT", "MNIST"], shots=2)
+    a = build(**args, seed=3).tasks
+    b = build(**args, seed=3).tasks
+    c = build(**args, seed=4).tasks
+    assert [t.train.indices for t in a] == [t.train.indices for t in b]
+    assert [t.train.indices for t in a] != [t.train.indices for t in c]
+    for task in a:
+        assert np.bincount(task.train.targets).tolist() == [2] * 10
+        assert len(task.test) == 40
+    with pytest.raises(UserError, match=r"stream.shots: 5 shots per class.*'EuroSAT'.*only 4"):
+        build(**{**args, "shots": 5})
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    root = make_folder_copy(tmp_path / "mtil", per_class=1)
+    with pytest.raises(ConfigError, match="unknown MTIL task 'ImageNet'"):
+        build(root=str(root), tasks=["EuroSAT", "ImageNet"])
+    with pytest.raises(ConfigError, match="duplicate"):
+        build(root=str(root), tasks=["EuroSAT", "eurosat"])
+    with pytest.raises(ConfigError, match=r"stream.templates.MNIST\[0\]"):
+        build(root=str(root), format="image_folder", tasks=["MNIST"], templates={"MNIST": ["digit"]})
+    with pytest.raises(ConfigError, match="stream.templates"):
+        build(root=str(root), format="image_folder", tasks=["MNIST"], templates={"DTD": ["a {}."]})
+    task = build(root=str(root), format="image_folder", tasks=["MNIST"], templates={"MNIST": ["a digit {}."]}).tasks[0]
+    assert task.templates == ["a digit {}."]
+    with pytest.raises(UserError, match="stream.root.*download"):
+        build(root=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"MNIST: torchvision could not load.*stream.download: true"):
+        build(root=str(tmp_path / "empty"), tasks=["MNIST"])
+
+
+# --------------------------------------------------------------------------- torchvision layouts
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header, uint8 payload)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    magic = 0x0800 + array.ndim  # 0x08 = unsigned byte
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_mnist(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        images = np.repeat(labels[:, None, None] * 20, 28 * 28, axis=1).reshape(n, 28, 28)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images + rng.integers(0, 3, images.shape))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    data = build(root=str(tmp_path), tasks=["MNIST"])
+    task = data.tasks[0]
+    assert task.name == "MNIST" and task.classnames == [str(d) for d in range(10)]
+    assert (len(task.train), len(task.test)) == (30, 20) and task.test.targets[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    image, label = task.test[13]
+    assert image.mode == "RGB" and image.size == (28, 28) and label == 3 and 60 <= np.asarray(image)[5, 5, 0] <= 62
+    few = build(root=str(tmp_path), tasks=["MNIST"], shots=2, seed=0).tasks[0]
+    assert np.bincount(few.train.targets).tolist() == [2] * 10
+
+
+def test_torchvision_eurosat_random_split(tmp_path: Path) -> None:
+    for k, folder in enumerate(EUROSAT_FOLDERS):
+        for i in range(5):
+            write_image(tmp_path / "eurosat" / "2750" / folder / f"{folder}_{i}.jpg", 20 * k)
+    task = build(root=str(tmp_path), tasks=["EuroSAT"]).tasks[0]
+    assert task.classnames == mtil_classnames("EuroSAT")
+    assert (len(task.train), len(task.test)) == (40, 10)
+    train_idx, test_idx = random_split_indices(50)
+    assert task.train.indices == train_idx and task.test.indices == test_idx
+    for i in range(len(task.test)):
+        image, label = task.test[i]
+        assert abs(int(np.asarray(image)[2, 2, 0]) - 20 * label) <= 3  # the image of that class (JPEG noise)
+
+
+def test_torchvision_dtd_names_from_dataset(tmp_path: Path) -> None:
+    base = tmp_path / "dtd" / "dtd"
+    classes = [f"texture_{i:02d}" for i in range(47)]
+    lines: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
+    for k, c in enumerate(classes):
+        for split in lines:
+            write_image(base / "images" / c / f"{c}_{split}.jpg", k)
+            lines[split].append(f"{c}/{c}_{split}.jpg")
+    (base / "labels").mkdir()
+    for split, rows in lines.items():
+        (base / "labels" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    task = build(root=str(tmp_path), tasks=["DTD"]).tasks[0]
+    assert task.classnames == [c.replace("_", " ") for c in classes]
+    assert task.templates[0] == "a photo of a {} texture."
+    assert (len(task.train), len(task.test)) == (47, 47) and task.test.targets == list(range(47))
+    # one class short: the class count check fires at build time
+    (base / "labels" / "train1.txt").write_text("\n".join(lines["train1"][:-1]) + "\n")
+    (base / "labels" / "test1.txt").write_text("\n".join(lines["test1"][:-1]) + "\n")
+    with pytest.raises(UserError, match="DTD: 46 class names, expected 47"):
+        build(root=str(tmp_path), tasks=["DTD"])
+
+
+def test_torchvision_caltech101_drops_background(tmp_path: Path) -> None:
+    base = tmp_path / "caltech101" / "101_ObjectCategories"
+    folders = ["BACKGROUND_Google"] + [f"c{k:03d}" for k in range(101)]
+    for k, folder in enumerate(folders):
+        for i in range(2):
+            write_image(base / folder / f"image_{i + 1:04d}.jpg", 2 * k, mode="L")
+    task = build(root=str(tmp_path), tasks=["Caltech101"]).tasks[0]
+    assert task.classnames == benchmark_classnames("caltech101")[1:] and len(task.classnames) == 101
+    assert (len(task.train), len(task.test)) == (161, 41)
+    assert sorted(task.train.indices + task.test.indices) == list(range(202))
+    image, label = task.test[0]
+    assert image.mode == "RGB" and abs(int(np.asarray(image)[1, 1, 0]) - 2 * (label + 1)) <= 3
+
+
+def test_torchvision_sun397_names_and_stable_split(tmp_path: Path) -> None:
+    base = tmp_path / "SUN397"
+    raw = [f"/{chr(97 + k % 26)}/class_{k:03d}" for k in range(396)] + ["/a/apartment_building/outdoor"]
+    for k, c in enumerate(raw):
+        write_image(base / c.strip("/") / f"sun_{k:04d}.jpg", k)
+    (base / "ClassName.txt").write_text("\n".join(raw) + "\n")
+    task = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
+    assert len(task.classnames) == 397 and task.classnames[-1] == "apartment building outdoor"
+    assert task.classnames[5] == "class 005"
+    assert (len(task.train), len(task.test)) == (317, 80)
+    again = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
+    assert task.test.indices == again.test.indices
+    image, label = task.test[0]
+    assert label == task.test.targets[0] and image.mode == "RGB"
+
+
+def test_imagenet_control(tmp_path: Path) -> None:
+    root = make_folder_copy(tmp_path / "mtil", per_class=1)
+    val = tmp_path / "imagenet" / "val"
+    for k in range(1000):
+        write_image(val / f"n{k:08d}" / "0.png", k)
+    data = build(root=str(root), format="image_folder", tasks=["MNIST"], control=str(tmp_path / "imagenet"), control_limit=50)
+    control = data.control
+    assert control is not None and control.name == "ImageNet"
+    assert len(control.classnames) == 1000 and control.classnames[0] == "tench"
+    assert len(control.templates) == 80 and control.templates[0] == "a bad photo of a {}."
+    assert (len(control.train), len(control.test)) == (0, 50)
+    assert data.base_concepts == control.classnames
+    (val / "n00000999" / "0.png").unlink()
+    (val / "n00000999").rmdir()
+    with pytest.raises(UserError, match="999 class folders, expected 1000"):
+        build(root=str(root), format="image_folder", tasks=["MNIST"], control=str(tmp_path / "imagenet"))
