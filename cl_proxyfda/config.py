@@ -221,17 +221,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _validate_component(kind_registry: Any, comp: NamedComponent, path: str) -> None:
+def _validate_component(kind_registry: Any, comp: NamedComponent, path: str, cfg: "RunConfig | None" = None) -> None:
+    """Validate a component's arguments; params may define ``check_run(cfg)`` for
+    constraints against the rest of the run (it raises ``ValueError("key: problem")``)."""
     try:
         entry = kind_registry.get(comp.name)
     except KeyError as exc:
         raise ConfigError(f"{path}.name", str(exc.args[0])) from None
     try:
-        entry.params(**comp.args)
+        params = entry.params(**comp.args)
     except ValidationError as exc:
         raise first_error(exc, path) from None
     except TypeError as exc:
         raise ConfigError(path, str(exc)) from None
+    check = getattr(params, "check_run", None)
+    if cfg is not None and callable(check):
+        try:
+            check(cfg)
+        except ValueError as exc:
+            key, _, problem = str(exc).partition(": ")
+            raise ConfigError(f"{path}.{key}", problem) from None
 
 
 def parse_config(data: dict[str, Any]) -> RunConfig:
@@ -243,11 +252,11 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
         raise first_error(exc) from None
     except TypeError as exc:  # keys that are not strings
         raise ConfigError("", f"invalid section keys: {exc}") from None
-    _validate_component(STREAMS, cfg.stream, "stream")
+    _validate_component(STREAMS, cfg.stream, "stream", cfg)
     if not cfg.strategies:
         raise ConfigError("strategies", "list at least one strategy (use naive for plain fine-tuning)")
     for i, comp in enumerate(cfg.strategies):
-        _validate_component(STRATEGIES, comp, f"strategies[{i}]")
+        _validate_component(STRATEGIES, comp, f"strategies[{i}]", cfg)
     adapter = cfg.model.adapter
     if adapter is not None and "text" in adapter.towers and "text" not in cfg.model.train_towers:
         raise ConfigError("model.adapter.towers", "text-tower adapters need 'text' in model.train_towers")

@@ -30,7 +30,7 @@ from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
 from cl_proxyfda.teacher import TeacherBank, unwrap
-from cl_proxyfda.training import CLStrategy, RandomBatches
+from cl_proxyfda.training import CLStrategy
 
 DEFAULT_ITERATIONS = 100
 
@@ -116,10 +116,10 @@ def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any
     seed = cfg.run.seed
 
     def factory(exp_index: int, targets: list[int], iterations: int) -> Any:
+        from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler, RandomBatchSampler
+
         exp_seed = seed * 1_000_003 + exp_index
         if cfg.train.sampler == "class_balanced":
-            from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler
-
             return ClassBalancedBatchSampler(
                 targets,
                 m_classes=cfg.train.classes_per_batch,
@@ -129,7 +129,7 @@ def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any
                 class_similarity=class_similarity.get(exp_index),
                 hard_mining=cfg.train.hard_class_mining,
             )
-        return RandomBatches(len(targets), cfg.train.batch_size, iterations, exp_seed)
+        return RandomBatchSampler(len(targets), cfg.train.batch_size, iterations, exp_seed)
 
     return factory
 
@@ -389,7 +389,7 @@ def _diagnostics(run: Run) -> dict[str, float]:
     teacher = run.strategy.teachers.get(run.model, "pretrained")
     f_pre, y = run.evaluator.features(teacher, n, device=run.device)
     f_cur, _ = run.evaluator.features(run.model, n, device=run.device)
-    return control_distances(f_pre, f_cur, y)
+    return {f"control_{k}": v for k, v in control_distances(f_pre, f_cur, y).items()}
 
 
 def _make_logger(run: Run) -> Any:

@@ -30,7 +30,7 @@ class TeacherBank:
         self.half = half
         self.models: dict[str, nn.Module] = {}
         self._cache_key: Any = None
-        self._cache: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+        self._cache: dict[str, dict[str, Any]] = {}
         self.forward_count = 0
 
     def _freeze(self, model: nn.Module) -> nn.Module:
@@ -63,18 +63,23 @@ class TeacherBank:
         self._cache_key = None
 
     def outputs(self, strategy: Any, reference: str, layers: Iterable[str] = ()) -> dict[str, Any]:
-        """Teacher features of the current mini-batch: ``image_embeds`` and ``layers``."""
+        """Teacher features of the current mini-batch: ``image_embeds`` and ``layers``.
+
+        One forward per batch and reference: the teacher records every layer any plugin
+        asked for (the union), so plugins needing different layers share it.
+        """
         key = (id(strategy.mb_x), strategy.clock.train_iterations)
         if key != self._cache_key:
             self._cache_key = key
             self._cache.clear()
-        layers = tuple(sorted(layers))
-        hit = self._cache.get((reference, layers))
-        if hit is not None:
+        wanted = set(layers)
+        hit = self._cache.get(reference)
+        if hit is not None and wanted <= set(hit["layers"]):
             return hit
         teacher = self.get(strategy.model, reference)
-        if layers:
-            teacher.capture_layers(layers)
+        missing = wanted - set(teacher._layer_names)
+        if missing:
+            teacher.capture_layers(sorted(missing))
         x = strategy.mb_x
         with torch.no_grad():
             param = next(teacher.parameters())
@@ -82,7 +87,7 @@ class TeacherBank:
             embeds = teacher.encode_image(x.to(param.dtype))
         self.forward_count += 1
         out = {"image_embeds": embeds.float(), "layers": {k: v.float() for k, v in teacher._sink.items()}}
-        self._cache[(reference, layers)] = out
+        self._cache[reference] = out
         return out
 
 

@@ -32,31 +32,6 @@ def warmup_cosine(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class RandomBatches:
-    """Seeded uniform batches: passes over a permutation, reshuffled per pass."""
-
-    def __init__(self, n_items: int, batch_size: int, iterations: int, seed: int) -> None:
-        if n_items <= 0:
-            raise ValueError("cannot sample batches from an empty dataset")
-        self.n_items, self.batch_size, self.iterations, self.seed = n_items, batch_size, iterations, seed
-
-    def __len__(self) -> int:
-        return self.iterations
-
-    def __iter__(self) -> Iterable[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed)
-        order: list[int] = []
-        for _ in range(self.iterations):
-            batch: list[int] = []
-            while len(batch) < self.batch_size:
-                if not order:
-                    order = torch.randperm(self.n_items, generator=gen).tolist()
-                take = min(self.batch_size - len(batch), len(order))
-                batch.extend(order[:take])
-                order = order[take:]
-            yield batch
-
-
 class CLStrategy(SupervisedTemplate):
     """SupervisedTemplate with per-experience step budgets, samplers and schedules.
 

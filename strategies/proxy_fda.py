@@ -6,6 +6,10 @@ plugin's own AdamW optimizer, stepped in ``after_update``; the generator loss re
 only the generator (it reads detached features) and the FDA loss never reaches the
 generator (its pooling weights are detached), so one backward serves both.
 
+Its optimizer: AdamW with two groups, ``log tau`` and ``b`` (lr ``tau_bias_lr``, no
+weight decay) and the generator (lr ``generator_lr``, AdamW's default weight decay
+0.01). The generator is built at the first batch, when the feature size is known.
+
 Registered as ``proxy_fda`` (proxies on) and ``fda`` (the same plugin without proxies).
 
 Graph options (``graph``):
@@ -63,12 +67,21 @@ class FDAParams(BaseModel):
     tau_init: float = Field(0.1, gt=0, description="initial temperature tau (log-parametrised)")
     bias_init: float = Field(0.0, description="initial bias b")
     learn_tau_bias: bool = Field(True, description="learn tau and b (false: keep them fixed)")
-    tau_bias_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of log tau and b")
+    tau_bias_lr: float = Field(
+        1e-2, gt=0, description="AdamW learning rate of log tau and b (1e-2 lets b settle within ~1000 steps; see losses/fda.py)"
+    )
     feature: str = Field("embed", description="'embed' (final image embedding) or a layer: ln_pre, block1, block2, ...")
     reference: Literal["pretrained", "previous"] = Field("pretrained", description="the frozen reference f0")
     neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
     graph: Literal["batch", "bank"] = Field("batch", description="neighbours from the batch, or from a bank of the experience's training set")
     bank_batch_size: int = Field(256, ge=1, description="graph: bank: batch size of the feature pass over the training set")
+
+    def check_run(self, cfg: Any) -> None:
+        """K must be below the batch size, and above images-per-class when batches are class-balanced."""
+        if self.k >= cfg.train.batch_size:
+            raise ValueError(f"k: K = {self.k} neighbours need batches of more than K images (train.batch_size = {cfg.train.batch_size})")
+        if cfg.train.sampler == "class_balanced" and self.k <= cfg.train.images_per_class:
+            raise ValueError(f"k: K = {self.k} must exceed train.images_per_class = {cfg.train.images_per_class}, or the graph holds only same-class images")
 
     @field_validator("feature")
     @classmethod
@@ -91,8 +104,10 @@ class ProxyFDAParams(FDAParams):
 class ProxyFDAPlugin(CLPlugin):
     """Adds ``weight * L_FDA (+ proxies) + L_generator`` in ``before_backward``."""
 
-    def __init__(self, params: ProxyFDAParams) -> None:
+    def __init__(self, params: ProxyFDAParams | FDAParams) -> None:
         super().__init__()
+        if not isinstance(params, ProxyFDAParams):  # plain FDA options: proxies off
+            params = ProxyFDAParams(**params.model_dump(), proxies=False)
         self.params = params
         self.name = "proxy_fda" if params.proxies else "fda"
         self.needs_layers = () if params.feature == "embed" else (params.feature,)
@@ -103,6 +118,7 @@ class ProxyFDAPlugin(CLPlugin):
         self.optimizer: torch.optim.Optimizer | None = None
         self.dim: int | None = None
         self.bank: FeatureBank | None = None
+        self.positives_per_anchor = 0.0  # mean graph degree of the last batch (diagnostic)
         if not params.proxies:
             self._setup(None)
 
@@ -231,6 +247,7 @@ class ProxyFDAPlugin(CLPlugin):
         self._to_device(z.device)
         sim_h = zh @ zh.t()
         positives = self._graph(sim_h, zh)
+        self.positives_per_anchor = float(positives.sum(dim=1).float().mean())
         proxies = None
         gen_loss = None
         if self.generator is not None:
@@ -260,4 +277,4 @@ def build_proxy_fda(params: ProxyFDAParams, **context: Any) -> ProxyFDAPlugin:
 
 @STRATEGIES.register("fda", FDAParams, help="FDA: neighbourhood-preserving feature alignment (Proxy-FDA without proxies)")
 def build_fda(params: FDAParams, **context: Any) -> ProxyFDAPlugin:
-    return ProxyFDAPlugin(ProxyFDAParams(**params.model_dump(), proxies=False))
+    return ProxyFDAPlugin(params)

@@ -30,7 +30,7 @@ class WiSEFTPlugin(CLPlugin):
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         num_exps = getattr(strategy, "num_experiences", None)
-        is_last = num_exps is not None and strategy.clock.train_exp_counter >= num_exps
+        is_last = num_exps is not None and int(strategy.experience.current_experience) == num_exps - 1
         if self.when == "end" and not is_last:
             return
         initial = teacher_bank(strategy).initial_state

@@ -1,0 +1,63 @@
+"""A feature bank with exact cosine nearest-neighbour search (faiss ``IndexFlatIP``).
+
+Features are L2-normalised and stored as float32, so inner products are cosines.
+Used by Proxy-FDA's ``graph: bank`` option: the reference-space neighbours of each
+anchor are looked up among the whole training set of the experience, not only the batch.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _as_float32(x: Tensor | np.ndarray) -> np.ndarray:
+    t = torch.as_tensor(x).detach().float().cpu()
+    if t.ndim != 2:
+        raise ValueError(f"features must be a (N, D) matrix, got shape {tuple(t.shape)}")
+    return np.ascontiguousarray(F.normalize(t, dim=1).numpy(), dtype=np.float32)
+
+
+class FeatureBank:
+    """Exact inner-product search over L2-normalised features.
+
+    Args:
+        features: (N, D) features (normalised here).
+    """
+
+    def __init__(self, features: Tensor | np.ndarray) -> None:
+        data = _as_float32(features)
+        self.dim = data.shape[1]
+        self.index = faiss.IndexFlatIP(self.dim)
+        self.index.add(data)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+        """The ``k`` most similar bank entries of each query: ``(sims, idx)``, both (Q, k).
+
+        ``exclude`` (Q,) gives, for queries that are themselves in the bank, their own
+        bank index: that entry is removed from the result (self-exclusion). Rows are
+        sorted by decreasing cosine similarity; ``idx`` is a LongTensor of bank indices.
+        """
+        q = _as_float32(queries)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the bank {self.dim}")
+        extra = 0 if exclude is None else 1
+        if k < 1 or k + extra > len(self):
+            raise ValueError(f"k = {k} neighbours asked from a bank of {len(self)} entries" + (" (self excluded)" if extra else ""))
+        sims, idx = self.index.search(q, k + extra)
+        sims_t, idx_t = torch.from_numpy(sims), torch.from_numpy(idx).long()
+        if exclude is None:
+            return sims_t, idx_t
+        own = torch.as_tensor(exclude).long().view(-1, 1)
+        if own.shape[0] != q.shape[0]:
+            raise ValueError("exclude needs one bank index per query")
+        keep = idx_t != own
+        # Rows where the query's own entry was not among the hits drop their last hit.
+        no_self = keep.all(dim=1)
+        keep[no_self, -1] = False
+        return sims_t[keep].view(-1, k), idx_t[keep].view(-1, k)

@@ -1,0 +1,267 @@
+"""FDA / Proxy-FDA losses: graph, weights, gradient signs, proxies, gradient isolation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cl_proxyfda.losses.fda import (
+    NEG_WEIGHTS,
+    ProxyGenerator,
+    fda_loss,
+    generator_loss,
+    graph_mask,
+    knn_graph,
+    make_proxies,
+    pair_loss,
+    signed_weights,
+    threshold_graph,
+)
+
+torch.set_num_threads(1)
+
+
+def clustered(b: int = 32, d: int = 16, clusters: int = 4, noise: float = 0.4, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+    """Normalised features in ``clusters`` groups; ``offset`` adds a shared direction (all Sh > 0)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    x = centres.repeat_interleave(b // clusters, dim=0) + noise * torch.randn(b, d, generator=g)
+    x[:, 0] += offset
+    return F.normalize(x, dim=1)
+
+
+def scalars(tau: float = 0.1, b: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(math.log(tau), requires_grad=True), torch.tensor(b, requires_grad=True)
+
+
+def full_step(z: torch.Tensor, zh: torch.Tensor, gen: ProxyGenerator, k: int = 6, neg_weight: str = "clamp0"):
+    log_tau, bias = scalars()
+    sim_h = zh @ zh.t()
+    positives = graph_mask(knn_graph(sim_h, k), len(z))
+    pooling = gen(z, sim_h, positives)
+    proxies = make_proxies(z, sim_h, pooling, neg_weight)
+    model = fda_loss(z, zh, k, log_tau, bias, neg_weight, proxies, positives)
+    return model, generator_loss(z, pooling, positives), pooling, proxies, positives
+
+
+# ------------------------------------------------------------------------ graph
+def test_knn_graph_matches_brute_force_and_excludes_self():
+    zh = clustered(24)
+    sim = zh @ zh.t()
+    idx = knn_graph(sim, 5)
+    assert idx.shape == (24, 5) and idx.dtype == torch.long
+    assert not (idx == torch.arange(24).unsqueeze(1)).any()
+    for i in range(24):
+        others = [(float(sim[i, j]), j) for j in range(24) if j != i]
+        expected = {j for _, j in sorted(others, reverse=True)[:5]}
+        assert set(idx[i].tolist()) == expected
+    mask = graph_mask(idx, 24)
+    assert mask.sum(1).eq(5).all() and not mask.diagonal().any()
+
+
+@pytest.mark.parametrize("k", [8, 9])
+def test_k_must_be_smaller_than_batch(k):
+    zh = clustered(8)
+    with pytest.raises(ValueError, match="K must be < batch size"):
+        knn_graph(zh @ zh.t(), k)
+    with pytest.raises(ValueError, match="K must be < batch size"):
+        fda_loss(zh, zh, k, *scalars())
+
+
+def test_threshold_graph_keeps_only_pairs_above_the_anchor_threshold():
+    zh = clustered(16)
+    sim = zh @ zh.t()
+    kth = torch.full((16,), 0.5)
+    kth[0] = 2.0  # anchor 0: nobody is close enough
+    mask = threshold_graph(sim, kth, 3)
+    assert not mask[0].any()
+    assert not mask.diagonal().any()
+    assert (mask.sum(1) <= 3).all()
+    off = ~torch.eye(16, dtype=torch.bool)
+    assert (sim[mask] >= 0.5).all()
+    # every pair above threshold within an anchor's top-3 is kept
+    top3 = graph_mask(knn_graph(sim, 3), 16)
+    assert torch.equal(mask[1:], (top3 & (sim >= 0.5) & off)[1:])
+
+
+# ------------------------------------------------------------------------ weights
+def test_signed_weights_follow_the_negative_rule():
+    sim_h = torch.tensor([[1.0, 0.6, -0.3, 0.2], [0.6, 1.0, 0.1, -0.5], [-0.3, 0.1, 1.0, 0.4], [0.2, -0.5, 0.4, 1.0]])
+    pos = torch.zeros(4, 4, dtype=torch.bool)
+    pos[0, 1] = pos[1, 0] = pos[2, 3] = pos[3, 2] = True
+    w = signed_weights(sim_h, pos, "clamp0")
+    assert w[0, 1] == pytest.approx(0.6) and w[2, 3] == pytest.approx(0.4)
+    assert w[0, 2] == 0.0 and w[0, 3] == pytest.approx(-0.2)  # -max(Sh, 0)
+    assert signed_weights(sim_h, pos, "minus_one")[0, 3] == -1.0
+    assert signed_weights(sim_h, pos, "one_minus")[0, 2] == pytest.approx(-1.3)
+    assert (w.diagonal() == 0).all()
+    with pytest.raises(ValueError, match="neg_weight"):
+        signed_weights(sim_h, pos, "nope")
+
+
+@pytest.mark.parametrize("rule", NEG_WEIGHTS)
+def test_gradient_pulls_neighbours_and_pushes_non_neighbours(rule):
+    zh = clustered(24, offset=10.0)  # every reference similarity > 0
+    sim_h = zh @ zh.t()
+    assert (sim_h > 0).all()
+    pos = graph_mask(knn_graph(sim_h, 6), 24)
+    sim = (clustered(24, seed=1) @ clustered(24, seed=1).t()).requires_grad_()
+    log_tau, bias = scalars()
+    off = ~torch.eye(24, dtype=torch.bool)
+    loss = (pair_loss(sim, signed_weights(sim_h, pos, rule), log_tau, bias) * off).sum()
+    (grad,) = torch.autograd.grad(loss, sim)
+    assert (grad[pos] < 0).all()  # d loss / d S_ij < 0: raising S_ij lowers the loss (pull)
+    assert (grad[~pos & off] > 0).all()  # pushed apart
+
+
+def test_fda_loss_is_the_mean_pair_loss_on_the_knn_graph():
+    z, zh = clustered(16, seed=3), clustered(16)
+    log_tau, bias = scalars(0.2, 0.3)
+    pos = graph_mask(knn_graph(zh @ zh.t(), 5), 16)
+    off = ~torch.eye(16, dtype=torch.bool)
+    manual = (pair_loss(z @ z.t(), signed_weights(zh @ zh.t(), pos), log_tau, bias) * off).sum(1).div(15).mean()
+    assert torch.allclose(fda_loss(z, zh, 5, log_tau, bias), manual, atol=1e-6)
+
+
+# ------------------------------------------------------------------ properties
+@pytest.mark.parametrize("with_proxies", [False, True])
+def test_finite_and_invariant_to_batch_permutation(with_proxies):
+    torch.manual_seed(0)
+    z, zh = clustered(32, seed=5), clustered(32)
+    perm = torch.randperm(32)
+    if with_proxies:
+        gen = ProxyGenerator(16).eval()
+        a = full_step(z, zh, gen)[0]
+        b = full_step(z[perm], zh[perm], gen)[0]
+    else:
+        a = fda_loss(z, zh, 6, *scalars())
+        b = fda_loss(z[perm], zh[perm], 6, *scalars())
+    assert a.ndim == 0 and torch.isfinite(a)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def fitted_loss(z: torch.Tensor, zh: torch.Tensor, rule: str, steps: int = 300) -> float:
+    """The FDA loss after fitting tau and b to this pair of spaces (as training does)."""
+    log_tau, bias = scalars()
+    opt = torch.optim.Adam([log_tau, bias], lr=0.05)
+    for _ in range(steps):
+        loss = fda_loss(z, zh, 6, log_tau, bias, rule)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(fda_loss(z, zh, 6, log_tau, bias, rule).detach())
+
+
+def spaces(seed: int) -> dict[str, torch.Tensor]:
+    zh = clustered(32, offset=1.0, seed=seed)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(7)))
+    rotated = zh @ q  # other absolute positions, same neighbourhoods
+    return {
+        "ref": zh,
+        "rotated": rotated,
+        "drifted": F.normalize(rotated + 0.1 * torch.randn(32, 16, generator=torch.Generator().manual_seed(8)), dim=1),
+        "scrambled": rotated[torch.randperm(32, generator=torch.Generator().manual_seed(9))],
+    }
+
+
+def test_loss_depends_on_relations_not_absolute_positions():
+    s = spaces(0)
+    same = fda_loss(s["ref"], s["ref"], 6, *scalars()).detach()
+    assert torch.allclose(fda_loss(s["rotated"], s["ref"], 6, *scalars()).detach(), same, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", NEG_WEIGHTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_neighbourhood_preserving_space_scores_lower_than_scrambled(rule, seed):
+    s = spaces(seed)
+    drifted, scrambled = fitted_loss(s["drifted"], s["ref"], rule), fitted_loss(s["scrambled"], s["ref"], rule)
+    assert drifted < scrambled - 0.1
+    if rule != "clamp0":  # these rules already rank the spaces at the initial tau = 0.1, b = 0
+        at_init = {k: float(fda_loss(s[k], s["ref"], 6, *scalars(), rule).detach()) for k in ("drifted", "scrambled")}
+        assert at_init["drifted"] < at_init["scrambled"] - 0.5
+
+
+# --------------------------------------------------------------------- proxies
+def test_generator_has_about_24k_parameters():
+    assert sum(p.numel() for p in ProxyGenerator(512).parameters()) == 23_240
+
+
+def test_proxies_are_convex_combinations_of_their_sets():
+    torch.manual_seed(0)
+    z, zh = clustered(24, seed=2), clustered(24, offset=1.0)
+    gen = ProxyGenerator(16, n_proxies=3)
+    _, _, pooling, proxies, pos = full_step(z, zh, gen, k=5)
+    neg = ~pos & ~torch.eye(24, dtype=torch.bool)
+    for weights, members in ((pooling.pos, pos), (pooling.neg, neg)):
+        assert weights.shape == (24, 3, 24)
+        assert (weights >= 0).all()
+        assert torch.allclose(weights.sum(-1), torch.ones(24, 3), atol=1e-5)
+        assert (weights * (~members).unsqueeze(1)).abs().max() == 0  # nothing outside the set
+    assert torch.allclose(proxies.pos, pooling.pos @ z, atol=1e-6)
+    assert (proxies.pos.norm(dim=-1) <= 1 + 1e-5).all()
+    sim_h = zh @ zh.t()
+    lo = sim_h.masked_fill(~pos, 9).min(1).values.unsqueeze(1)
+    hi = sim_h.masked_fill(~pos, -9).max(1).values.unsqueeze(1)
+    assert ((proxies.w_pos >= lo - 1e-5) & (proxies.w_pos <= hi + 1e-5)).all()
+    assert (proxies.w_neg <= 0).all()
+
+
+def test_proxies_change_the_loss_and_reach_the_features():
+    torch.manual_seed(0)
+    zh = clustered(24, offset=1.0)
+    z = clustered(24, seed=4).requires_grad_()
+    with_p = full_step(z, zh, ProxyGenerator(16), k=5)[0]
+    without = fda_loss(z, zh, 5, *scalars())
+    assert abs(float(with_p.detach()) - float(without.detach())) > 1e-4
+    (g_with,) = torch.autograd.grad(with_p, z)
+    (g_without,) = torch.autograd.grad(without, z)
+    assert (g_with - g_without).abs().max() > 1e-5
+
+
+def test_model_loss_gives_no_gradient_to_generator_and_generator_loss_none_to_features():
+    torch.manual_seed(0)
+    zh = clustered(24, offset=1.0)
+    z = clustered(24, seed=6).requires_grad_()
+    gen = ProxyGenerator(16)
+    model, gen_loss, *_ = full_step(z, zh, gen, k=5)
+    model.backward(retain_graph=True)
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gen.parameters())
+    z.grad = None
+    gen_loss.backward()
+    assert z.grad is None
+    assert sum(float(p.grad.abs().sum()) for p in gen.parameters() if p.grad is not None) > 0
+
+
+def test_generator_loss_decreases_when_trained():
+    torch.manual_seed(0)
+    z, zh = clustered(32, seed=1, noise=0.8), clustered(32, noise=0.8)
+    gen = ProxyGenerator(16)
+    opt = torch.optim.AdamW(gen.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss = full_step(z, zh, gen)[1]
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(full_step(z, zh, gen)[1].detach()) < 0.9 * first
+
+
+def test_anchors_without_positives_stay_finite():
+    torch.manual_seed(0)
+    z, zh = clustered(16, seed=1), clustered(16)
+    sim_h = zh @ zh.t()
+    kth = torch.full((16,), 0.3)
+    kth[:4] = 2.0  # four anchors get no positive at all
+    pos = threshold_graph(sim_h, kth, 4)
+    assert not pos[:4].any() and pos[4:].any()
+    gen = ProxyGenerator(16)
+    pooling = gen(z, sim_h, pos)
+    assert not pooling.has_pos[:4].any()
+    assert pooling.pos[:4].abs().sum() == 0
+    proxies = make_proxies(z, sim_h, pooling)
+    loss = fda_loss(z, zh, 4, *scalars(), proxies=proxies, positives=pos)
+    assert torch.isfinite(loss) and torch.isfinite(generator_loss(z, pooling, pos))

@@ -1,0 +1,170 @@
+"""The runner end to end: files written, W&B offline run, report/validate/list commands."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cl_proxyfda.cli import main
+from cl_proxyfda.config import parse_config
+from cl_proxyfda.metrics import summarize
+from cl_proxyfda.runner import build_run, execute
+from conftest import TINY_TASKS, tiny_config, write_image_folder_stream
+
+
+@pytest.fixture
+def stream_with_control(tmp_path: Path) -> Path:
+    root = write_image_folder_stream(tmp_path / "data", {**TINY_TASKS})
+    write_image_folder_stream(root, {"basics": ["red", "blue", "green", "gray"]}, seed=5)
+    return root
+
+
+def _leet(*args: str) -> list[dict]:
+    proc = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip().startswith("{")]
+
+
+def test_full_run_writes_everything_and_logs_to_wandb(tmp_path, stream_with_control, capsys):
+    cfg = tiny_config(
+        stream_with_control,
+        tmp_path / "runs",
+        stream={"control": "basics"},
+        logging={"wandb": {"mode": "offline", "project": "tests"}, "plots": True, "progress": True},
+        train={"iterations": 3, "warmup": 1},
+    )
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(cfg_path)]) == 0
+    captured = capsys.readouterr()
+    out = tmp_path / "runs" / "tiny"
+    for name in ("config.yaml", "metrics.json", "accuracy_matrix.csv", "summary.txt", "accuracy_matrix.png", "stability_plasticity.png"):
+        assert (out / name).is_file(), name
+    assert "Transfer" in captured.out and "exp 1/3 warm" in captured.err  # summary table and tqdm bar
+    metrics = json.loads((out / "metrics.json").read_text())
+    matrix = np.array(metrics["rows"])
+    assert matrix.shape == (4, 3)
+    assert len(metrics["control"]) == 4
+    # summary equals the metric functions on the saved matrix
+    expected = summarize(matrix, metrics["control"])
+    for key in ("transfer", "avg", "last", "bwt", "control_drop"):
+        assert metrics["summary"][key] == pytest.approx(expected[key])
+    # control-set diagnostics recorded at every row (row 0: no drift from the pre-trained model)
+    assert metrics["diagnostics"][0]["control_feature_l2"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["diagnostics"][3]["control_feature_l2"] > 0
+    # resolved config round-trips through the schema
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert parse_config(saved).train.iterations == 3
+    # the W&B offline run holds the per-experience scalars against `experience`
+    wandb_files = list(out.rglob("*.wandb"))
+    assert len(wandb_files) == 1
+    records = _leet(str(wandb_files[0]))
+    history = [r for r in records if r.get("type") == "history"]
+    assert history, records[:3]
+    text = json.dumps(history)
+    for key in ("acc/warm", "acc/cool", "control_acc", "experience"):
+        assert key in text
+    # report re-renders from the saved files
+    (out / "accuracy_matrix.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "accuracy_matrix.png").is_file()
+    assert "Transfer" in capsys.readouterr().out
+
+
+def test_validate_and_list(tmp_path, stream_with_control, capsys):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(stream_with_control, tmp_path / "runs")))
+    assert main(["validate", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok:") and "3 tasks" in out and "warm (3)" in out
+    assert not (tmp_path / "runs").exists()
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("naive", "l2sp", "ldifs", "lwf", "ewc", "wiseft", "image_folder", "mtil", "cl-test-tiny"):
+        assert name in listing
+
+
+def test_epochs_budget_and_label_smoothing(tmp_path, tiny_stream_root):
+    cfg = parse_config(tiny_config(tiny_stream_root, tmp_path / "runs", train={"iterations": None, "epochs": 2, "batch_size": 4, "label_smoothing": 0.2}))
+    run = build_run(cfg)
+    execute(run)
+    # steps per experience = epochs x ceil(train images / batch)
+    assert run.strategy.total_steps == 6  # last task: 2 classes x 6 images, batch 4 -> 3 steps x 2 epochs
+    assert run.strategy._criterion.label_smoothing == pytest.approx(0.2)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from cl_proxyfda.training import warmup_cosine
+
+    assert [round(warmup_cosine(s, 10, 2, "cosine"), 4) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, round(0.5 * (1 + np.cos(np.pi * 7 / 8)), 4)]
+    assert warmup_cosine(5, 10, 0, "constant") == 1.0
+
+
+def test_per_task_lr_and_only_trainable_params_in_optimizer(tmp_path, tiny_stream_root):
+    cfg = parse_config(tiny_config(tiny_stream_root, tmp_path / "runs", train={"iterations": 2, "lr": 1e-3, "lr_per_task": {"cool": 5e-3}, "schedule": "constant"}))
+    run = build_run(cfg)
+    lrs = []
+
+    from avalanche.core import SupervisedPlugin
+
+    class Spy(SupervisedPlugin):
+        def before_training_iteration(self, strategy, **kw):
+            lrs.append(strategy.optimizer.param_groups[0]["lr"])
+            n_opt = sum(p.numel() for g in strategy.optimizer.param_groups for p in g["params"])
+            assert n_opt == sum(p.numel() for p in strategy.model.parameters() if p.requires_grad)
+
+    run.strategy.plugins.append(Spy())
+    execute(run)
+    assert lrs == [1e-3, 1e-3, 5e-3, 5e-3, 1e-3, 1e-3]
+    # the text tower is frozen by default
+    assert not any(p.requires_grad for n, p in run.model.clip.named_parameters() if not n.startswith("visual."))
+
+
+def test_nan_loss_stops_with_experience_and_iteration(tmp_path, tiny_stream_root, capsys):
+    cfg = tiny_config(tiny_stream_root, tmp_path / "runs", train={"lr": 1e30, "iterations": 20, "optimizer": "sgd"})
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    code = main(["run", str(cfg_path)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "training diverged" in err and "experience 1, iteration" in err
+    # row 0 was saved; no checkpoint of a diverged experience
+    assert (tmp_path / "runs" / "tiny" / "metrics.json").is_file()
+    assert not list((tmp_path / "runs" / "tiny").glob("checkpoints/*.pt"))
+
+
+def test_readme_python_example_pattern(tiny_stream_root):
+    """The README's composition of plugins on a plain Avalanche SupervisedTemplate."""
+    from avalanche.training.templates import SupervisedTemplate
+
+    from cl_proxyfda.benchmarks.stream import to_avalanche
+    from cl_proxyfda.models import build_task_model
+    from cl_proxyfda.registry import STREAMS, load_builtin_components
+    from cl_proxyfda.strategies.l2sp import L2SPPlugin
+    from cl_proxyfda.strategies.ldifs import LDIFSPlugin
+    from cl_proxyfda.teacher import TeacherBank
+
+    load_builtin_components()
+    stream = STREAMS.build("image_folder", {"root": str(tiny_stream_root)})
+    model, train_tf, eval_tf = build_task_model("cl-test-tiny", None, [t.vocabulary for t in stream.tasks])
+    benchmark = to_avalanche(stream.tasks, train_tf, eval_tf)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ldifs = LDIFSPlugin(weight=10.0, layers="embed")
+    strategy = SupervisedTemplate(
+        model=model,
+        optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
+        train_mb_size=8,
+        train_epochs=1,
+        plugins=[ldifs, L2SPPlugin(weight=0.1)],
+    )
+    strategy.teachers = TeacherBank(initial_state=before)
+    for experience in benchmark.train_stream:
+        strategy.train(experience)
+    assert ldifs.loss_terms["ldifs"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,123 @@
+"""Class-balanced (hard-mined) and random batch samplers."""
+from __future__ import annotations
+
+from collections import Counter
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler, RandomBatchSampler, class_mean_similarity
+
+
+def grouped_targets(n_classes: int = 32, per_class: int = 10) -> np.ndarray:
+    return np.repeat(np.arange(n_classes), per_class)
+
+
+def group_similarity(n_classes: int = 32, group: int = 4) -> np.ndarray:
+    """Classes in blocks of ``group``: similarity 0.9 within a block, 0.1 across."""
+    g = np.arange(n_classes) // group
+    return np.where(g[:, None] == g[None, :], 0.9, 0.1)
+
+
+def test_batch_composition_m_classes_by_n_images():
+    targets = grouped_targets()
+    sampler = ClassBalancedBatchSampler(targets, m_classes=8, n_per_class=4, iterations=30, seed=0, hard_mining=False)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 30
+    for batch in batches:
+        assert len(batch) == 32
+        counts = Counter(int(targets[i]) for i in batch)
+        assert len(counts) == 8 and set(counts.values()) == {4}
+        assert len(set(batch)) == 32  # 10 images per class: no repeats needed
+
+
+def test_each_image_seen_before_repeats():
+    targets = grouped_targets(n_classes=4, per_class=8)
+    sampler = ClassBalancedBatchSampler(targets, m_classes=4, n_per_class=4, iterations=2, seed=3, hard_mining=False)
+    seen = [i for batch in sampler for i in batch]
+    assert sorted(seen) == list(range(32))  # two batches x 4 classes x 4 images = each image once
+
+
+def test_small_classes_are_sampled_with_replacement():
+    targets = np.array([0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3])  # class 0 has 2 images
+    sampler = ClassBalancedBatchSampler(targets, m_classes=4, n_per_class=4, iterations=5, seed=0)
+    for batch in sampler:
+        zeros = [i for i in batch if targets[i] == 0]
+        assert len(zeros) == 4 and set(zeros) == {0, 1}
+
+
+def test_fewer_classes_than_m_fill_the_batch():
+    targets = grouped_targets(n_classes=3, per_class=20)
+    sampler = ClassBalancedBatchSampler(targets, m_classes=4, n_per_class=4, iterations=10, seed=0)
+    for batch in sampler:
+        assert len(batch) == 16
+        counts = Counter(int(targets[i]) for i in batch)
+        assert set(counts) == {0, 1, 2}
+        assert sorted(counts.values()) == [5, 5, 6]
+
+
+def test_deterministic_for_a_seed_and_new_passes_differ():
+    targets = grouped_targets()
+    sim = group_similarity()
+    make = lambda seed: ClassBalancedBatchSampler(targets, 8, 4, iterations=5, seed=seed, class_similarity=sim)  # noqa: E731
+    a, b = make(1), make(1)
+    first_a, first_b = list(a), list(b)
+    assert first_a == first_b
+    assert list(a) == list(b)  # second passes agree too
+    assert list(make(1)) != list(make(2))
+    c = make(1)
+    list(c)
+    assert list(c) != first_a  # a new pass is a different draw
+    c.set_epoch(0)
+    assert list(c) == first_a
+
+
+def co_occurrence_within_groups(sampler: ClassBalancedBatchSampler, targets: np.ndarray, group: int = 4) -> float:
+    same = total = 0
+    for batch in sampler:
+        classes = sorted({int(targets[i]) for i in batch})
+        for a, b in combinations(classes, 2):
+            total += 1
+            same += a // group == b // group
+    return same / total
+
+
+def test_hard_mining_groups_similar_classes():
+    targets = grouped_targets()
+    sim = group_similarity()
+    hard = ClassBalancedBatchSampler(targets, 4, 4, iterations=200, seed=0, class_similarity=sim)
+    plain = ClassBalancedBatchSampler(targets, 4, 4, iterations=200, seed=0, class_similarity=sim, hard_mining=False)
+    assert hard.hard_mining_active and not plain.hard_mining_active
+    hard_rate = co_occurrence_within_groups(hard, targets)
+    plain_rate = co_occurrence_within_groups(plain, targets)
+    assert plain_rate < 0.2  # chance: 3 of 31 other classes share a group
+    assert 0.8 < hard_rate < 1.0  # mostly the nearest classes, with some randomness left
+
+
+def test_class_similarity_must_cover_the_labels():
+    with pytest.raises(ValueError, match="cover labels"):
+        ClassBalancedBatchSampler(grouped_targets(), 8, 4, iterations=1, class_similarity=np.eye(5))
+
+
+def test_class_mean_similarity():
+    feats = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 5.0], [1.0, 1.0]])
+    targets = [0, 0, 1, 1, 3]
+    sim = class_mean_similarity(feats, targets)
+    assert sim.shape == (4, 4)
+    assert sim[0, 0] == pytest.approx(1.0) and sim[0, 1] == pytest.approx(0.0)
+    assert sim[0, 3] == pytest.approx(np.sqrt(0.5))
+    assert (sim[2] == 0).all()  # label 2 does not occur
+
+
+def test_random_batch_sampler_covers_each_pass_without_replacement():
+    sampler = RandomBatchSampler(n_items=20, batch_size=5, iterations=8, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 8 and all(len(b) == 5 for b in batches)
+    first_pass = [i for b in batches[:4] for i in b]
+    second_pass = [i for b in batches[4:] for i in b]
+    assert sorted(first_pass) == sorted(second_pass) == list(range(20))
+    assert first_pass != second_pass  # reshuffled per pass
+    assert list(RandomBatchSampler(20, 5, 8, seed=0)) == batches
+    assert list(RandomBatchSampler(20, 5, 8, seed=1)) != batches
