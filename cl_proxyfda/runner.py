@@ -213,8 +213,11 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a folder")
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"output folder: {folder} exists and is not a folder")
+            break
     if not resume and out.is_dir() and any((out / name).exists() for name in ("metrics.json", "checkpoints", "config.yaml")):
         raise UserError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
 

@@ -39,6 +39,8 @@ class LDIFSPlugin(CLPlugin):
         self.layers_option = layers
         self.reference = reference
         self.layers: list[str] = []
+        if isinstance(layers, list):  # explicit names are checked when the model is built
+            self.needs_layers = tuple(layers)
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         model = unwrap(strategy.model)
