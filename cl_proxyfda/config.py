@@ -70,6 +70,7 @@ class TrainSection(_Strict):
     classes_per_batch: int = Field(16, gt=0, description="class_balanced sampler: m")
     images_per_class: int = Field(4, gt=0, description="class_balanced sampler: n")
     hard_class_mining: bool = True
+    augment: bool = Field(True, description="use the model's training augmentation (false: the eval transform)")
 
     @field_validator("lr_per_task")
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cl_proxyfda.distributed import DistContext, sum_across
 from cl_proxyfda.teacher import unwrap
 
 
@@ -38,12 +39,13 @@ class TaskEvaluator:
         cache_mb: keep preprocessed inputs in memory up to this many MB in total.
     """
 
-    def __init__(self, datasets: Sequence[Dataset], transform: Callable, batch_size: int = 256, cache_mb: float = 1024, workers: int = 0) -> None:
+    def __init__(self, datasets: Sequence[Dataset], transform: Callable, batch_size: int = 256, cache_mb: float = 1024, workers: int = 0, dist_context: DistContext | None = None) -> None:
         self.datasets = list(datasets)
         self.transform = transform
         self.batch_size = batch_size
         self.cache_mb = cache_mb
         self.workers = workers
+        self.dist = dist_context or DistContext()
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._cache_bytes = 0
 
@@ -77,7 +79,9 @@ class TaskEvaluator:
         vocab = task_id if vocab_task is None else vocab_task
         correct = total = 0
         try:
-            for x, y in self._batches(task_id):
+            for b, (x, y) in enumerate(self._batches(task_id)):
+                if b % self.dist.world != self.dist.rank:  # each process scores its share
+                    continue
                 x = x.to(device, non_blocking=True)
                 if autocast_dtype is not None:
                     with torch.autocast(device.type, dtype=autocast_dtype):
@@ -88,6 +92,7 @@ class TaskEvaluator:
                 total += len(y)
         finally:
             net.train(was_training)
+        correct, total = sum_across([correct, total], device if self.dist.enabled and device.type == "cuda" else "cpu")
         return 100.0 * correct / max(total, 1)
 
     @torch.no_grad()

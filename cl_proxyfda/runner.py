@@ -25,6 +25,7 @@ from torch import nn
 
 from cl_proxyfda import checkpoint as ckpt
 from cl_proxyfda.config import RunConfig
+from cl_proxyfda.distributed import DistContext, barrier, init_distributed
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
@@ -105,6 +106,7 @@ class Run:
     device: torch.device
     amp: torch.dtype | None
     logger: Any = None
+    dist: DistContext = field(default_factory=DistContext)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -139,6 +141,12 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
     load_builtin_components()
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
+    ctx = init_distributed(device.type)
+    if ctx.enabled:
+        if cfg.train.batch_size % ctx.world:
+            raise UserError(f"train.batch_size: {cfg.train.batch_size} does not split evenly over {ctx.world} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
     amp = autocast_dtype(cfg.run.precision, device)
     stream = STREAMS.build(cfg.stream.name, cfg.stream.args, run_seed=cfg.run.seed)
     tasks = list(stream.tasks)
@@ -184,9 +192,13 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         return cfg.train.lr_per_task.get(tasks[exp_index].name, cfg.train.lr)
 
     class_similarity: dict[int, Any] = {}
-    progress = ProgressPlugin([t.name for t in tasks], enabled=cfg.logging.progress)
+    progress = ProgressPlugin([t.name for t in tasks], enabled=cfg.logging.progress and ctx.is_main)
+    trained: nn.Module = model
+    if ctx.enabled:
+        model.to(device)
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     strategy = CLStrategy(
-        model=model,
+        model=trained,
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
         train_mb_size=batch,
         plugins=[*plugins, progress],
@@ -202,14 +214,15 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         workers=cfg.train.workers,
         num_experiences=len(tasks),
         autocast_dtype=amp,
+        dist_context=ctx,
     )
     strategy.teachers = TeacherBank(initial_state=initial_state, half=cfg.run.teacher_half)
     strategy.class_similarity = class_similarity
-    benchmark = to_avalanche(tasks, pre_train, pre_eval)
+    benchmark = to_avalanche(tasks, pre_train if cfg.train.augment else pre_eval, pre_eval)
     test_sets = [t.test for t in tasks] + ([stream.control.test] if stream.control is not None else [])
-    evaluator = TaskEvaluator(test_sets, pre_eval, batch_size=cfg.eval.batch_size, workers=cfg.train.workers)
+    evaluator = TaskEvaluator(test_sets, pre_eval, batch_size=cfg.eval.batch_size, workers=cfg.train.workers, dist_context=ctx)
     out = Path(out_dir) if out_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
-    return Run(cfg, out, stream, model, strategy, plugins, benchmark, evaluator, device, amp)
+    return Run(cfg, out, stream, model, strategy, plugins, benchmark, evaluator, device, amp, dist=ctx)
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
@@ -270,6 +283,7 @@ def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
     cfg = run.config
     out = run.out_dir
     _check_out_dir(out, resume)
+    barrier()  # every process checked the folder before rank 0 writes into it
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     ckpt_dir = out / "checkpoints"
@@ -280,9 +294,11 @@ def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
         _restore(run, state, ckpt_dir)
         results = RunResults.from_dict(state["results"])
         start = int(state["experience"])
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run.logger = _make_logger(run)
+    if run.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run.logger = _make_logger(run)
+    barrier()
     exit_code = 1
     try:
         results = _train_stream(run, results, start, quiet)
@@ -315,14 +331,17 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
     from cl_proxyfda.results import RunResults
 
     cfg, out, logger = run.config, run.out_dir, run.logger
+    main = run.dist.is_main
     n = len(run.stream.tasks)
+    quiet = quiet or not main
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     if results is None:
         results = RunResults(task_names=run.task_names)
         results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
         row, control = evaluate_row(run)
         results.add_row(row, control=control, diagnostics=_diagnostics(run))
-        results.save(out)
+        if main:
+            results.save(out)
         if logger is not None:
             logger.log_row(results, 0)
     else:
@@ -339,18 +358,20 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         results.add_row(row, control=control, diagnostics=diag)
         results.meta["wall_seconds"] = results.meta.get("wall_seconds", 0.0) + (time.time() - t_exp)
         results.meta["peak_memory_mb"] = peak_memory_mb(run.device)
-        results.save(out)
-        if cfg.checkpoint.enabled:
+        if main:
+            results.save(out)
+        if main and cfg.checkpoint.enabled:
             ckpt.save_checkpoint(
                 out / "checkpoints",
                 i + 1,
                 {"model": unwrap(run.model).state_dict(), "model_name": cfg.model.name, "plugins": _plugin_states(run.plugins), "results": results.to_dict()},
                 keep_last=cfg.checkpoint.keep_last,
             )
+        barrier()  # the checkpoint of this experience exists for every process
         if logger is not None:
             logger.log_row(results, i + 1)
         say(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else ""))
-    images = render_all(results, out) if cfg.logging.plots else []
+    images = render_all(results, out) if cfg.logging.plots and main else []
     if logger is not None:
         logger.log_final(results, images=images)
     if not quiet:

@@ -18,6 +18,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
 from cl_proxyfda.teacher import unwrap
 
@@ -58,6 +59,7 @@ class CLStrategy(SupervisedTemplate):
         workers: int = 0,
         num_experiences: int | None = None,
         autocast_dtype: torch.dtype | None = None,
+        dist_context: DistContext | None = None,
     ) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -85,6 +87,7 @@ class CLStrategy(SupervisedTemplate):
         self.workers = workers
         self.num_experiences = num_experiences
         self.autocast_dtype = autocast_dtype
+        self.dist = dist_context or DistContext()
         self.experience_index = 0
         self.total_steps = 0
         self.base_lr = 0.0
@@ -96,6 +99,8 @@ class CLStrategy(SupervisedTemplate):
         self.experience_index = int(self.experience.current_experience)
         self.total_steps = self.iterations_for(len(dataset))
         sampler = self.batch_sampler_factory(self.experience_index, targets, self.total_steps)
+        if self.dist.enabled:
+            sampler = ShardedBatches(sampler, self.dist)
         self.dataloader = DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -124,10 +129,12 @@ class CLStrategy(SupervisedTemplate):
 
     # ---------------------------------------------------------------- steps
     def forward(self) -> Any:
+        # Always pass the task labels (Avalanche's avalanche_forward would drop them for a
+        # DDP-wrapped model, which is not a MultiTaskModule itself).
         if self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return super().forward()
-        return super().forward()
+                return self.model(self.mb_x, self.mb_task_id)
+        return self.model(self.mb_x, self.mb_task_id)
 
     def backward(self) -> None:
         loss = self.loss
