@@ -116,12 +116,12 @@ def colour_digits(glyphs: np.ndarray, rng: np.random.Generator, image_size: int)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def digits_task(params: "DemoStreamParams", number: int) -> Split:
-    """Per class, a seeded permutation of the 1797 digits gives ``train_per_class``
-    training and the next ``test_per_class`` test images; colours are seeded too."""
-    glyphs, targets = load_digit_glyphs()
-    split_rng = task_rng(params.seed, number, "train")
-    need = params.train_per_class + params.test_per_class
+def digit_split(seed: int, number: int, train_per_class: int, test_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into scikit-learn's digits: per class, a seeded permutation gives
+    ``train_per_class`` training and the next ``test_per_class`` test images."""
+    _, targets = load_digit_glyphs()
+    rng = task_rng(seed, number, "train")
+    need = train_per_class + test_per_class
     train_idx, test_idx = [], []
     for c in range(10):
         idx = np.flatnonzero(targets == c)
@@ -129,11 +129,16 @@ def digits_task(params: "DemoStreamParams", number: int) -> Split:
             raise UserError(
                 f"stream: the digits task has {len(idx)} images of digit {c}; train_per_class + test_per_class = {need} is too many"
             )
-        idx = split_rng.permutation(idx)
-        train_idx.extend(idx[: params.train_per_class])
-        test_idx.extend(idx[params.train_per_class : need])
-    train = split_rng.permutation(np.asarray(train_idx))
-    test = task_rng(params.seed, number, "test").permutation(np.asarray(test_idx))
+        idx = rng.permutation(idx)
+        train_idx.extend(idx[:train_per_class])
+        test_idx.extend(idx[train_per_class:need])
+    return rng.permutation(np.asarray(train_idx)), task_rng(seed, number, "test").permutation(np.asarray(test_idx))
+
+
+def digits_task(params: "DemoStreamParams", number: int) -> Split:
+    """The digits split by :func:`digit_split`, upscaled and coloured (seeded)."""
+    glyphs, targets = load_digit_glyphs()
+    train, test = digit_split(params.seed, number, params.train_per_class, params.test_per_class)
     colour_rng = task_rng(params.seed, number, "colour")
     train_x = colour_digits(glyphs[train], colour_rng, params.image_size)
     test_x = colour_digits(glyphs[test], colour_rng, params.image_size)
@@ -143,7 +148,7 @@ def digits_task(params: "DemoStreamParams", number: int) -> Split:
 DEMO_TASKS: tuple[DemoTaskSpec, ...] = (
     DemoTaskSpec(
         "outline-colours", 1, world.BASE_COLOURS,
-        ("a line drawing of a {} shape.", "an outline of a {} object.", "a noisy sketch of a {} shape."),
+        ("a line drawing in {}.", "an outline drawn in {}.", "a noisy sketch in {} on a coloured background."),
         world_task("colour", world.BASE_COLOURS, OUTLINE_STYLE, background=world.NEW_BACKGROUNDS, size="large"),
         {"kind": "shifted style", "covered_by_pretraining": True, "style": "outline, coloured backgrounds, noise 30"},
     ),

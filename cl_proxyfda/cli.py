@@ -102,6 +102,52 @@ def cmd_pretrain_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Pre-generate the GIFT synthetic sets of a run file into the cache the run reads."""
+    from cl_proxyfda.config import load_config
+    from cl_proxyfda.registry import STREAMS
+    from cl_proxyfda.runner import resolve_device
+    from cl_proxyfda.strategies.gift import GIFTParams, synthetic_spec_of
+    from cl_proxyfda.synthetic import ensure_plan, plan_experience, stream_key
+
+    cfg = load_config(args.config, args.set)
+    entries = [GIFTParams(**comp.args) for comp in cfg.strategies if comp.name == "gift"]
+    if not entries:
+        raise UserError(f"{args.config}: no gift strategy in the run file, nothing to generate")
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
+    world = args.world if args.world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"--rank {rank} / --world {world}: need 0 <= rank < world")
+    stream = STREAMS.build(cfg.stream.name, cfg.stream.args, run_seed=cfg.run.seed)
+    names = [t.name for t in stream.tasks]
+    if args.experience is None:
+        chosen = list(range(len(names)))
+    elif args.experience in names:
+        chosen = [names.index(args.experience)]
+    elif args.experience.isdigit() and 1 <= int(args.experience) <= len(names):
+        chosen = [int(args.experience) - 1]
+    else:
+        raise UserError(f"--experience: {args.experience!r} is neither 1..{len(names)} nor a task name ({', '.join(names)})")
+    device = resolve_device(cfg.run.device)
+    key = stream_key(cfg.stream.name, cfg.stream.args)
+    totals = {"generated": 0, "reused": 0, "dropped": 0}
+    for params in entries:
+        spec = synthetic_spec_of(params, cfg)
+        generator = spec.build_generator(device)
+        for i in chosen:
+            plan = plan_experience(spec, stream, key, i, generator)
+            stats = ensure_plan(plan, generator, (rank, world), progress=cfg.logging.progress)
+            for k in totals:
+                totals[k] += stats.get(k, 0)
+            share = len(range(rank, plan.size, world))
+            print(
+                f"experience {i + 1}/{len(names)} {plan.task}: {share} of {plan.size} planned (rank {rank}/{world}), "
+                f"generated {stats['generated']}, reused {stats['reused']}, dropped {stats['dropped']}, pool {plan.pool_size} -> {plan.folder}"
+            )
+    print(f"ok: generated {totals['generated']}, reused {totals['reused']}, dropped {totals['dropped']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cl-proxyfda", description="Continual fine-tuning of CLIP-like models without forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=0, help="0 = the default schedule")
     p.set_defaults(func=cmd_pretrain_demo)
+    p = sub.add_parser("generate", help="pre-generate the GIFT synthetic images of a run file into its cache")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--rank", type=int, default=None, help="this process's share: items i with i %% world == rank (default: $RANK or 0)")
+    p.add_argument("--world", type=int, default=None, help="number of sharing processes (default: $WORLD_SIZE or 1)")
+    p.add_argument("--experience", default=None, help="only this experience: 1-based index or task name (default: all)")
+    p.set_defaults(func=cmd_generate)
+
     return parser
 
 
