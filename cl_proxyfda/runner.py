@@ -404,16 +404,20 @@ def _pretrained_train_features(run: Run, index: int) -> tuple[torch.Tensor, torc
 
 
 def _diagnostics(run: Run) -> dict[str, float]:
-    """Feature-distribution distances on the control set (pre-trained vs now)."""
+    """Plugins' own diagnostics, and feature-distribution distances on the control set."""
+    diag: dict[str, float] = {}
+    for plugin in run.plugins:
+        diag.update({k: float(v) for k, v in getattr(plugin, "diagnostics", {}).items()})
     if run.stream.control is None:
-        return {}
+        return diag
     from cl_proxyfda.diagnostics import control_distances
 
     n = len(run.stream.tasks)
     teacher = run.strategy.teachers.get(run.model, "pretrained")
     f_pre, y = run.evaluator.features(teacher, n, device=run.device)
     f_cur, _ = run.evaluator.features(run.model, n, device=run.device)
-    return {f"control_{k}": v for k, v in control_distances(f_pre, f_cur, y).items()}
+    diag.update({f"control_{k}": v for k, v in control_distances(f_pre, f_cur, y).items()})
+    return diag
 
 
 def _make_logger(run: Run) -> Any:

@@ -124,8 +124,8 @@ class CLStrategy(SupervisedTemplate):
 
     def _set_lr(self, step: int) -> None:
         factor = warmup_cosine(step, self.total_steps, self.warmup, self.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * factor
+        for group in self.optimizer.param_groups:  # groups added by plugins carry their own base_lr
+            group["lr"] = group.get("base_lr", self.base_lr) * factor
 
     # ---------------------------------------------------------------- steps
     def forward(self) -> Any:

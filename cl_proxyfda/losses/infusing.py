@@ -15,7 +15,6 @@ from typing import Iterable, Mapping
 
 import faiss
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

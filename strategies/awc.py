@@ -1,0 +1,258 @@
+"""AWC: adaptive weight consolidation (methods.md section 3), and the synthetic-loss hook.
+
+``L_AWC = lambda * sum_n sum(F_n * (theta_n - theta_prev_n)^2)`` with ``theta_prev`` the
+trainable parameters at the start of the experience and ``F_n = g_n^2 / (mean(g_n^2) +
+eps)``, where ``g`` is the gradient of the synthetic-data losses at the current
+parameters, re-estimated at every iteration (``adaptive``) or averaged over the first
+``static_iterations`` iterations and then frozen (``static``, EWC-like).
+
+**The synthetic-loss hook.** A plugin with a loss on synthetic data publishes it with
+:func:`publish_synthetic_loss` (in ``after_forward``, so that every plugin's
+``before_backward`` sees it whatever the plugin order) and adds it to the total loss with
+:func:`add_synthetic_loss` (in ``before_backward``). ``strategy.synthetic_loss`` holds the
+sum of the terms published in the current iteration. AWC *claims* the terms it uses
+(:func:`claim_synthetic_gradients`, in ``before_training_iteration``); a claimed term is
+added to ``strategy.loss`` detached (its value still counts), AWC computes
+``g = autograd.grad(term, params)`` once for the importance and adds ``g`` into
+``p.grad`` after the backward. So the update contains exactly ``grad(total loss)``
+while the synthetic graph is traversed once, not twice.
+
+**[choice]** ``g`` is the gradient of the synthetic term *as it enters the loss*
+(``kd_weight * L_KD + ita_weight * L_ITA`` for GIFT, as in GIFT's official code); this
+is what makes the gradient reusable. The importance of a tensor is scale-free, so only
+the ratio of the two weights matters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from cl_proxyfda.errors import UserError
+from cl_proxyfda.losses.awc import AWC_EPS, TINY_IMPORTANCE, ImportanceTracker, awc_penalty, importance_from_grads, snapshot
+from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.anchors import trainable_named_parameters
+from cl_proxyfda.strategies.base import CLPlugin
+
+ALL_SOURCES = "*"
+
+
+# ------------------------------------------------------------------------ hook
+@dataclass
+class SyntheticTerm:
+    """One published synthetic loss of the current iteration."""
+
+    loss: Tensor | None
+    stamp: Any
+    claimed: bool = False
+    added: bool = False
+    detached: bool = False
+
+
+def _stamp(strategy: Any) -> Any:
+    """Identifies the current training iteration."""
+    return (strategy.clock.train_iterations, id(strategy.mbatch))
+
+
+def _terms(strategy: Any) -> dict[str, SyntheticTerm]:
+    terms = getattr(strategy, "synthetic_terms", None)
+    if terms is None:
+        terms = {}
+        strategy.synthetic_terms = terms
+    return terms
+
+
+def _claims(strategy: Any) -> set[str]:
+    return set(getattr(strategy, "synthetic_claims", ()) or ())
+
+
+def claim_synthetic_gradients(strategy: Any, sources: set[str]) -> None:
+    """Declare (for this iteration) that the gradient of these sources' terms is added by
+    the caller after backward; ``{"*"}`` claims every source, an empty set none."""
+    strategy.synthetic_claims = set(sources)
+
+
+def current_synthetic_terms(strategy: Any) -> dict[str, SyntheticTerm]:
+    """The terms published in the current iteration, by source name."""
+    stamp = _stamp(strategy)
+    return {name: t for name, t in _terms(strategy).items() if t.stamp == stamp and t.loss is not None}
+
+
+def publish_synthetic_loss(strategy: Any, source: str, loss: Tensor) -> None:
+    """Publish ``loss`` (a scalar with its graph) as ``source``'s synthetic term of this
+    iteration; ``strategy.synthetic_loss`` becomes the sum of this iteration's terms."""
+    claims = _claims(strategy)
+    _terms(strategy)[source] = SyntheticTerm(loss, _stamp(strategy), claimed=source in claims or ALL_SOURCES in claims)
+    current = list(current_synthetic_terms(strategy).values())
+    total = current[0].loss
+    for t in current[1:]:
+        total = total + t.loss
+    strategy.synthetic_loss = total
+
+
+def add_synthetic_loss(strategy: Any, source: str) -> Tensor | None:
+    """Add ``source``'s published term to ``strategy.loss``: detached when a consumer
+    claimed its gradient, with its graph otherwise. Returns the term (or None)."""
+    term = current_synthetic_terms(strategy).get(source)
+    if term is None or term.added:
+        return None
+    assert term.loss is not None
+    term.added = True
+    term.detached = term.claimed
+    strategy.loss = strategy.loss + (term.loss.detach() if term.claimed else term.loss)
+    return term.loss
+
+
+def release_synthetic_terms(strategy: Any) -> None:
+    """Drop the references to this iteration's graphs (after the backward)."""
+    for term in _terms(strategy).values():
+        term.loss = None
+    strategy.synthetic_loss = None
+
+
+# ---------------------------------------------------------------------- plugin
+class AWCParams(BaseModel):
+    """Options of the ``awc`` strategy (methods.md section 3)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0, description="lambda in lambda * sum F (theta - theta_prev)^2")
+    eps: float = Field(AWC_EPS, gt=0, description="added to mean(g^2) in F = g^2 / (mean(g^2) + eps)")
+    tiny: float = Field(TINY_IMPORTANCE, ge=0, description="importance of tensors without gradient and of logit_scale")
+    mode: Literal["adaptive", "static"] = Field("adaptive", description="adaptive: F from every iteration; static: mean of the first k, then frozen")
+    static_iterations: int = Field(100, ge=1, description="k of the static mode")
+    loss_source: Literal["gift", "strategy"] = Field(
+        "gift",
+        description="gift: the synthetic loss the gift strategy publishes; strategy: strategy.synthetic_loss, "
+        "every term published through publish_synthetic_loss in the iteration",
+    )
+    reuse_gradient: bool = Field(True, description="reuse grad(synthetic loss) in the update (no second backward over it)")
+    follow_gift_doubling: bool = Field(True, description="multiply weight by 2 when gift has paper_doubled_weights: true")
+
+
+class AWCPlugin(CLPlugin):
+    """Adds ``weight * sum F (theta - theta_prev)^2`` with F from the synthetic losses' gradient."""
+
+    name = "awc"
+
+    def __init__(self, params: AWCParams | None = None) -> None:
+        super().__init__()
+        self.params = params or AWCParams()
+        self.tracker = ImportanceTracker(self.params.mode, self.params.static_iterations)
+        self.anchor: dict[str, Tensor] | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._claimed_terms: list[SyntheticTerm] = []
+        self.gradient_calls = 0  # autograd.grad calls over the synthetic loss (tests, bench)
+
+    @property
+    def sources(self) -> set[str]:
+        return {"gift"} if self.params.loss_source == "gift" else {ALL_SOURCES}
+
+    def effective_weight(self, strategy: Any) -> float:
+        mult = 1.0
+        if self.params.follow_gift_doubling:
+            for p in strategy.plugins:
+                if getattr(p, "name", None) == "gift":
+                    mult = float(getattr(p, "awc_weight_multiplier", 1.0))
+        return self.params.weight * mult
+
+    # -------------------------------------------------------------- callbacks
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self.params.loss_source == "gift" and not any(getattr(p, "name", None) == "gift" for p in strategy.plugins):
+            raise UserError("strategies: awc with loss_source: gift needs the gift strategy in the same run")
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.anchor = snapshot(trainable_named_parameters(strategy))
+        self.tracker.reset()
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        reuse = self.params.reuse_gradient and self.tracker.needs_gradients
+        claim_synthetic_gradients(strategy, self.sources if reuse else set())
+        self._pending = []
+
+    def _synthetic_loss(self, strategy: Any) -> tuple[Tensor, list[SyntheticTerm]]:
+        terms = current_synthetic_terms(strategy)
+        if self.params.loss_source == "gift":
+            terms = {k: v for k, v in terms.items() if k == "gift"}
+        if not terms:
+            where = "the gift strategy" if self.params.loss_source == "gift" else "any strategy"
+            raise UserError(f"awc: no synthetic loss was published by {where} in this iteration (loss_source: {self.params.loss_source})")
+        chosen = list(terms.values())
+        total = chosen[0].loss
+        for t in chosen[1:]:
+            total = total + t.loss
+        assert total is not None
+        return total, chosen
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        named = trainable_named_parameters(strategy)
+        if self.anchor is None:
+            self.anchor = snapshot(named)
+        if self.tracker.needs_gradients:
+            loss, terms = self._synthetic_loss(strategy)
+            params = [p for _, p in named]
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            self.gradient_calls += 1
+            grads = _all_reduce_mean(grads)
+            by_name = {n: g for (n, _), g in zip(named, grads)}
+            self.tracker.update(importance_from_grads(by_name, dict(named), self.params.eps, self.params.tiny))
+            claimed = [t.claimed for t in terms]
+            if all(claimed):
+                # Claimed terms enter strategy.loss detached (their publisher adds them in
+                # this callback round, before or after us): their gradient comes from here.
+                self._pending = [(p, g) for p, g in zip(params, grads) if g is not None]
+                self._claimed_terms = terms
+            elif any(claimed):
+                raise RuntimeError("awc: some synthetic terms were claimed and others not in one iteration")
+        assert self.tracker.importance is not None
+        weight = self.effective_weight(strategy)
+        if weight == 0:
+            return
+        penalty = awc_penalty(named, self.anchor, self.tracker.importance, weight=weight)
+        self.loss_terms["awc"] = float(penalty.detach())
+        strategy.loss = strategy.loss + penalty
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self._pending:
+            if not all(t.added and t.detached for t in self._claimed_terms):
+                raise RuntimeError("awc: a claimed synthetic term was not added detached; its gradient would be counted twice")
+            for p, g in self._pending:
+                if p.grad is None:
+                    p.grad = g.detach().clone()
+                else:
+                    p.grad.add_(g.detach())
+        self._pending = []
+        self._claimed_terms = []
+        release_synthetic_terms(strategy)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor, "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else {n: t.detach().clone() for n, t in anchor.items()}
+        if state.get("tracker") is not None:
+            self.tracker.load_state_dict(state["tracker"])
+
+
+def _all_reduce_mean(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """Average the gradients over data-parallel ranks (autograd.grad bypasses DDP's hooks)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return grads
+    world = torch.distributed.get_world_size()
+    out = []
+    for g in grads:
+        if g is not None:
+            g = g.clone()
+            torch.distributed.all_reduce(g)
+            g /= world
+        out.append(g)
+    return tuple(out)
+
+
+@STRATEGIES.register("awc", AWCParams, help="AWC: importance-weighted L2 to start-of-experience weights, importance from synthetic losses")
+def build_awc(params: AWCParams, **context: Any) -> AWCPlugin:
+    return AWCPlugin(params)

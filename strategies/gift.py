@@ -1,0 +1,302 @@
+"""GIFT: synthetic-replay distillation with a text-to-image model (methods.md section 2).
+
+Per experience the teacher is the model at the end of the previous experience (the
+pre-trained model for the first); a synthetic set of ``images_per_experience`` image-
+prompt pairs is planned from base concepts and the *previous* tasks' classes, generated
+once into a disk cache (see :mod:`cl_proxyfda.synthetic`) and read with the model's eval
+transform. Each iteration draws one synthetic batch beside the real one and adds
+
+    kd_weight * L_KD(M, M0) + ita_weight * L_ITA(M, A)
+
+where ``M``/``M0`` are the student's/teacher's B x B similarity matrices of the batch's
+images against its own prompts and ``A`` the duplicate-aware matching targets. The
+synthetic set is fixed within an experience, so the teacher's image and text embeddings
+of the whole set are computed once per experience (``cache_teacher``); so are the
+student's text embeddings when its text tower is frozen.
+
+The synthetic term is published through AWC's hook (``strategy.synthetic_loss``) so that
+the ``awc`` strategy can take its importance from it without a second backward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import Tensor
+
+from cl_proxyfda.errors import UserError
+from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE
+from cl_proxyfda.losses.gift import (
+    ITA_LABEL_SMOOTHING,
+    KD_TEMPERATURE,
+    contrastive_distillation,
+    duplicate_aware_targets,
+    image_text_alignment,
+    similarity_logits,
+)
+from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.awc import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
+from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.synthetic import (
+    BaseConcepts,
+    BatchPlan,
+    SyntheticPlan,
+    SyntheticSpec,
+    TransformedImages,
+    autocast_context,
+    cache_root,
+    derived_seed,
+    eval_transform,
+    keep_captured_features,
+    load_plan,
+    prepare_experience,
+    stream_key,
+)
+from cl_proxyfda.teacher import teacher_bank, unwrap
+
+
+class GeneratorChoice(BaseModel):
+    """``{name: <generator backend>, ...its arguments}``, checked against the registry."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "diffusers"
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_backend(self) -> "GeneratorChoice":
+        from cl_proxyfda import generators  # noqa: F401  (registers the backends)
+        from cl_proxyfda.registry import GENERATORS
+
+        try:
+            entry = GENERATORS.get(self.name)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0])) from None
+        try:
+            entry.params(**self.args)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{self.name} generator: {where}: {err['msg']}") from None
+        return self
+
+
+class GIFTParams(BaseModel):
+    """Options of the ``gift`` strategy (defaults: the paper's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generator: GeneratorChoice = Field(default_factory=GeneratorChoice, description="text-to-image backend: {name: diffusers|..., args}")
+    images_per_experience: int = Field(1000, ge=1, description="N synthetic image-prompt pairs per experience")
+    synthetic_batch_size: int = Field(64, ge=2, description="synthetic pairs per iteration (beside the real batch)")
+    kd_weight: float = Field(1.0, ge=0, description="weight of the contrastive distillation L_KD")
+    ita_weight: float = Field(0.25, ge=0, description="weight of the image-text alignment L_ITA")
+    kd_temperature: float = Field(KD_TEMPERATURE, gt=0, description="T of L_KD")
+    ita_label_smoothing: float = Field(ITA_LABEL_SMOOTHING, ge=0, lt=1, description="label smoothing of L_ITA")
+    base_template: str = Field(BASE_TEMPLATE, description="template of the base concepts' prompts")
+    base_concepts: BaseConcepts = Field(
+        "auto", description="auto: the stream's base concepts, else ImageNet's classes; stream; imagenet; or a list of names"
+    )
+    exclude_current_classes: bool = Field(False, description="also drop pool prompts naming a current-task class (paper: off)")
+    cache_dir: str | None = Field(None, description="synthetic cache root (default: <run.output_dir>/synthetic)")
+    cache_teacher: bool = Field(True, description="teacher embeddings of the synthetic set once per experience (false: per batch)")
+    paper_doubled_weights: bool = Field(False, description="double KD, ITA and AWC as the code at the time of the paper effectively did")
+    seed: int = Field(0, description="seed of the prompt draw and of the image seeds (fixed: runs share one synthetic set)")
+
+    @model_validator(mode="after")
+    def _template_has_placeholder(self) -> "GIFTParams":
+        if "{}" not in self.base_template and "{c}" not in self.base_template:
+            raise ValueError(f"base_template {self.base_template!r} has no '{{}}' placeholder")
+        return self
+
+    def spec(self, output_dir: str) -> SyntheticSpec:
+        """The synthetic-set description shared with ``cl-proxyfda generate``."""
+        concepts = list(self.base_concepts) if isinstance(self.base_concepts, list) else self.base_concepts
+        return SyntheticSpec(
+            images_per_experience=self.images_per_experience,
+            seed=self.seed,
+            base_concepts=concepts,
+            base_template=self.base_template,
+            exclude_current_classes=self.exclude_current_classes,
+            root=cache_root(self.cache_dir, output_dir),
+            generator_name=self.generator.name,
+            generator_args=self.generator.args,
+        )
+
+
+class GIFTPlugin(CLPlugin):
+    """Adds ``kd_weight * L_KD + ita_weight * L_ITA`` on a synthetic batch per iteration."""
+
+    name = "gift"
+
+    def __init__(self, params: GIFTParams, stream: Any, stream_name: str = "stream", stream_args: dict[str, Any] | None = None,
+                 output_dir: str = "runs", run_seed: int = 0, workers: int = 0, progress: bool = True) -> None:
+        super().__init__()
+        self.params = params
+        self.stream = stream
+        self.key = stream_key(stream_name, stream_args or {})
+        self.spec = params.spec(output_dir)
+        self.run_seed = run_seed
+        self.workers = workers
+        self.progress = progress
+        scale = 2.0 if params.paper_doubled_weights else 1.0
+        self.kd_weight = params.kd_weight * scale
+        self.ita_weight = params.ita_weight * scale
+        self.awc_weight_multiplier = scale
+        # per experience
+        self.plan: SyntheticPlan | None = None
+        self.generation_stats: dict[str, int] = {}
+        self._transform: Any = None
+        self._images: TransformedImages | None = None
+        self._prompt_ids: Tensor | None = None  # (n,) id of each item's prompt in self._prompts
+        self._prompts: list[str] = []
+        self._teacher_image: Tensor | None = None
+        self._teacher_text: Tensor | None = None
+        self._student_text: Tensor | None = None
+        self._batches: Any = None
+        # counters (tests, benchmarks)
+        self.teacher_image_forwards = 0
+        self.teacher_text_forwards = 0
+        self.experiences_prepared = 0
+
+    # ------------------------------------------------------------ experience
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        model = unwrap(strategy.model)
+        bank = teacher_bank(strategy)
+        bank.refresh_previous(strategy.model)
+        index = strategy.experience_index
+        self.plan, self.generation_stats = prepare_experience(
+            self.spec, self.stream, self.key, index, device=strategy.device, progress=self.progress
+        )
+        dataset = load_plan(self.plan)
+        prompts = dataset.prompts
+        self._prompts = list(dict.fromkeys(prompts))
+        lookup = {p: i for i, p in enumerate(self._prompts)}
+        self._prompt_ids = torch.tensor([lookup[p] for p in prompts], dtype=torch.long)
+        if self._transform is None:
+            self._transform = eval_transform(model)
+        self._images = TransformedImages(dataset, self._transform)
+        steps = max(1, int(strategy.total_steps))
+        sampler = BatchPlan(len(dataset), self.params.synthetic_batch_size, steps, derived_seed(self.run_seed, index, 7))
+        loader = torch.utils.data.DataLoader(self._images, batch_sampler=sampler, num_workers=self.workers, pin_memory=strategy.device.type == "cuda")
+        self._batches = iter(loader)
+        self._loader = loader
+        teacher = bank.get(strategy.model, "previous")
+        self._teacher_image = self._encode_all_images(teacher, strategy) if self.params.cache_teacher else None
+        with torch.no_grad():
+            self._teacher_text = self._encode_texts(teacher, self._prompts).float()
+            self.teacher_text_forwards += 1
+            self._student_text = None
+            if not model.text_trainable:
+                with keep_captured_features(model):
+                    self._student_text = self._encode_texts(model, self._prompts).float()
+        self.experiences_prepared += 1
+
+    def _encode_texts(self, model: Any, prompts: list[str]) -> Tensor:
+        chunk = max(1, self.params.synthetic_batch_size * 4)
+        parts = [model.encode_text(prompts[s : s + chunk]) for s in range(0, len(prompts), chunk)]
+        return torch.cat(parts)
+
+    def _encode_all_images(self, teacher: Any, strategy: Any) -> Tensor:
+        """The teacher's embeddings of the whole synthetic set, in dataset order."""
+        assert self._images is not None
+        loader = torch.utils.data.DataLoader(self._images, batch_size=self.params.synthetic_batch_size, shuffle=False, num_workers=self.workers)
+        dtype = next(teacher.parameters()).dtype
+        out = []
+        with torch.no_grad():
+            for x, _ in loader:
+                out.append(teacher.encode_image(x.to(strategy.device, dtype)).float())
+                self.teacher_image_forwards += 1
+        return torch.cat(out)
+
+    def _next_batch(self) -> tuple[Tensor, Tensor]:
+        try:
+            return next(self._batches)
+        except StopIteration:  # more iterations than planned: start another pass
+            self._batches = iter(self._loader)
+            return next(self._batches)
+
+    # ------------------------------------------------------------- iteration
+    def synthetic_losses(self, strategy: Any) -> tuple[Tensor, Tensor]:
+        """``(L_KD, L_ITA)`` on the next synthetic batch (student graph kept)."""
+        model = unwrap(strategy.model)
+        x, idx = self._next_batch()
+        x = x.to(strategy.device, non_blocking=True)
+        assert self._prompt_ids is not None and self._teacher_text is not None
+        pids = self._prompt_ids[idx]
+        teacher = teacher_bank(strategy).get(strategy.model, "previous")
+        with torch.no_grad():
+            if self._teacher_image is not None:
+                u0 = self._teacher_image[idx.to(self._teacher_image.device)]
+            else:
+                u0 = teacher.encode_image(x.to(next(teacher.parameters()).dtype)).float()
+                self.teacher_image_forwards += 1
+            w0 = self._teacher_text[pids.to(self._teacher_text.device)]
+            m0 = similarity_logits(u0, w0, teacher.logit_scale.float())
+        with keep_captured_features(model), autocast_context(strategy):
+            u = model.encode_image(x)
+            if self._student_text is not None:
+                w = self._student_text[pids.to(self._student_text.device)]
+            else:
+                unique, inverse = torch.unique(pids, return_inverse=True)
+                w = model.encode_text([self._prompts[int(i)] for i in unique])[inverse.to(strategy.device)]
+            m = similarity_logits(u.float(), w.float(), model.logit_scale.float())
+        kd = contrastive_distillation(m, m0, self.params.kd_temperature)
+        ita = image_text_alignment(m, duplicate_aware_targets(pids), self.params.ita_label_smoothing)
+        return kd, ita
+
+    def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+        if not strategy.is_training:
+            return
+        kd, ita = self.synthetic_losses(strategy)
+        term = self.kd_weight * kd + self.ita_weight * ita
+        self.loss_terms.update({"gift_kd": float(kd.detach()), "gift_ita": float(ita.detach()), "gift": float(term.detach())})
+        publish_synthetic_loss(strategy, "gift", term)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        add_synthetic_loss(strategy, "gift")
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        release_synthetic_terms(strategy)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._batches = None
+        self._loader = None
+        self._images = None
+        self._teacher_image = None
+        self._teacher_text = None
+        self._student_text = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to restore: the plan is a function of the seed and the experience."""
+        return {"experiences_prepared": int(self.experiences_prepared)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.experiences_prepared = int(state.get("experiences_prepared", 0))
+
+
+def synthetic_spec_of(params: GIFTParams, config: Any) -> SyntheticSpec:
+    """The spec of a gift entry of a run config (used by ``cl-proxyfda generate``)."""
+    return params.spec(config.run.output_dir)
+
+
+@STRATEGIES.register("gift", GIFTParams, help="GIFT: distillation on generated image-text pairs from the previous model")
+def build_gift(params: GIFTParams, stream: Any = None, config: Any = None, **context: Any) -> GIFTPlugin:
+    if stream is None:
+        raise UserError("gift: the strategy needs the stream (build it through the runner)")
+    if config is None:
+        return GIFTPlugin(params, stream)
+    return GIFTPlugin(
+        params,
+        stream,
+        stream_name=config.stream.name,
+        stream_args=config.stream.args,
+        output_dir=config.run.output_dir,
+        run_seed=config.run.seed,
+        workers=config.train.workers,
+        progress=config.logging.progress,
+    )

@@ -1,0 +1,254 @@
+"""ZSCL: zero-shot continual learning baseline (methods.md section 4).
+
+Three parts, each with its own weight:
+
+- distillation of the *initial* (pre-trained) model's image-to-text and text-to-image
+  logits on reference images and reference texts, temperature T = 2
+  (:func:`cl_proxyfda.losses.zscl.zscl_distillation`);
+- an L2 pull towards the start-of-experience weights;
+- weight ensembling: a running average of the weights, updated every
+  ``ensemble_every`` iterations and loaded into the model at the end of the experience.
+
+Reference images: the stream's ``reference`` set (base-world images in the demo), or any
+image folder (``reference_folder``, searched recursively). Reference texts: the class
+names of ``reference_classnames`` (a text file, one name a line), the stream's base
+concepts or ImageNet's class names, written with ``template``. Each iteration draws
+``batch_size`` reference images and ``texts_per_batch`` texts (seeded). Reference images
+use the model's eval transform **[choice]**; when the text tower is frozen the student's
+text embeddings are the teacher's (they are the same tower).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cl_proxyfda.errors import UserError
+from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE, apply_template, imagenet_base_concepts
+from cl_proxyfda.losses.regularizers import l2_to_anchor
+from cl_proxyfda.losses.zscl import WEIGHT_ENSEMBLE_EVERY, ZSCL_TEMPERATURE, WeightEnsemble, zscl_distillation
+from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.anchors import trainable_named_parameters
+from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.synthetic import (
+    TransformedImages,
+    autocast_context,
+    derived_seed,
+    eval_transform,
+    keep_captured_features,
+    seeded_batches,
+)
+from cl_proxyfda.teacher import teacher_bank, unwrap
+
+
+class ZSCLParams(BaseModel):
+    """Options of the ``zscl`` strategy."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, ge=0, description="weight of the reference-logit distillation")
+    temperature: float = Field(ZSCL_TEMPERATURE, gt=0)
+    image_to_text: bool = Field(True, description="distil the image-to-text logits (rows)")
+    text_to_image: bool = Field(True, description="distil the text-to-image logits (columns)")
+    l2_weight: float = Field(1.0, ge=0, description="weight of sum ||theta - theta_start||^2 (start-of-experience weights)")
+    weight_ensemble: bool = Field(True, description="running average of the weights, loaded at the end of the experience")
+    ensemble_every: int = Field(WEIGHT_ENSEMBLE_EVERY, ge=1, description="iterations between two snapshots of the average")
+    reference: Literal["stream", "folder"] = Field("stream", description="stream: the stream's reference images; folder: reference_folder")
+    reference_folder: str | None = Field(None, description="image folder (searched recursively) with reference: folder")
+    reference_classnames: str | None = Field(None, description="text file, one class name a line: the reference texts")
+    texts: Literal["auto", "classnames", "base_concepts", "imagenet"] = Field(
+        "auto", description="auto: reference_classnames if given, else the stream's base concepts, else ImageNet's classes"
+    )
+    template: str = Field(BASE_TEMPLATE, description="template of the reference texts")
+    batch_size: int = Field(64, ge=1, description="reference images per iteration")
+    texts_per_batch: int | None = Field(None, ge=2, description="reference texts per iteration (default: batch_size, at most all)")
+    seed: int | None = Field(None, description="seed of the reference draws (default: the run's seed)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ZSCLParams":
+        if self.reference == "folder" and not self.reference_folder:
+            raise ValueError("reference_folder: required with reference: folder")
+        if self.texts == "classnames" and not self.reference_classnames:
+            raise ValueError("reference_classnames: required with texts: classnames")
+        if not (self.image_to_text or self.text_to_image):
+            raise ValueError("image_to_text: enable image_to_text, text_to_image or both")
+        if "{}" not in self.template and "{c}" not in self.template:
+            raise ValueError(f"template: {self.template!r} has no '{{}}' placeholder")
+        return self
+
+
+def read_classnames(path: str | Path) -> list[str]:
+    """Class names of a text file: one a line, blank lines and ``#`` comments skipped."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"zscl.reference_classnames: file {p} does not exist")
+    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        raise UserError(f"zscl.reference_classnames: {p} lists no class names")
+    return names
+
+
+def reference_images_of(params: ZSCLParams, stream: Any) -> Dataset:
+    """The reference image set: the stream's, or an image folder's (labels unused)."""
+    if params.reference == "stream":
+        ref = getattr(stream, "reference", None)
+        if ref is None or len(ref) == 0:
+            raise UserError("zscl.reference: the stream has no reference images (use reference: folder with reference_folder)")
+        return ref
+    from cl_proxyfda.benchmarks.image_folder import ImageFileDataset, list_images
+
+    folder = Path(str(params.reference_folder)).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"zscl.reference_folder: folder {folder} does not exist")
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"zscl.reference_folder: no images under {folder}")
+    return ImageFileDataset(paths, [0] * len(paths))
+
+
+def reference_texts_of(params: ZSCLParams, stream: Any) -> list[str]:
+    """The reference texts: class names (file, stream base concepts or ImageNet) in the template."""
+    if params.texts == "classnames" or (params.texts == "auto" and params.reference_classnames):
+        names = read_classnames(str(params.reference_classnames))
+    elif params.texts == "base_concepts" or (params.texts == "auto" and getattr(stream, "base_concepts", None)):
+        names = list(getattr(stream, "base_concepts", None) or [])
+        if not names:
+            raise UserError("zscl.texts: the stream has no base concepts (use classnames or imagenet)")
+    else:
+        names = imagenet_base_concepts()
+    return list(dict.fromkeys(apply_template(params.template, n) for n in names))
+
+
+class ZSCLPlugin(CLPlugin):
+    """Reference-logit distillation from the pre-trained model, L2 to start weights, weight ensembling."""
+
+    name = "zscl"
+
+    def __init__(self, params: ZSCLParams, stream: Any, run_seed: int = 0, workers: int = 0) -> None:
+        super().__init__()
+        self.params = params
+        self.seed = params.seed if params.seed is not None else run_seed
+        self.workers = workers
+        self.images = reference_images_of(params, stream)
+        self.texts = reference_texts_of(params, stream)
+        self.anchor: dict[str, Tensor] | None = None
+        self.ensemble: WeightEnsemble | None = None
+        self.iteration = 0
+        self._teacher_text: Tensor | None = None
+        self._batches: Any = None
+        self._text_rng: np.random.Generator | None = None
+        self.teacher_text_forwards = 0
+
+    @property
+    def n_texts(self) -> int:
+        per = self.params.texts_per_batch or self.params.batch_size
+        return max(2, min(per, len(self.texts)))
+
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self._teacher_text is None:
+            teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
+            with torch.no_grad():
+                self._teacher_text = torch.cat(
+                    [teacher.encode_text(self.texts[s : s + 256]).float() for s in range(0, len(self.texts), 256)]
+                )
+            self.teacher_text_forwards += 1
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        named = trainable_named_parameters(strategy)
+        self.anchor = {n: p.detach().clone() for n, p in named}
+        self.ensemble = WeightEnsemble(named, self.params.ensemble_every) if self.params.weight_ensemble else None
+        self.iteration = 0
+        index = strategy.experience_index
+        data = TransformedImages(self.images, eval_transform(unwrap(strategy.model)))
+        steps = max(1, int(strategy.total_steps))
+        batches = seeded_batches(len(data), self.params.batch_size, derived_seed(self.seed, index, 11))
+        sampler = [next(batches) for _ in range(steps)]
+        self._loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=self.workers)
+        self._batches = iter(self._loader)
+        self._text_rng = np.random.default_rng(derived_seed(self.seed, index, 12))
+
+    def _next_images(self) -> Tensor:
+        try:
+            x, _ = next(self._batches)
+        except StopIteration:
+            self._batches = iter(self._loader)
+            x, _ = next(self._batches)
+        return x
+
+    def distillation_loss(self, strategy: Any) -> Tensor:
+        """The reference-logit distillation on the next reference batch."""
+        model = unwrap(strategy.model)
+        teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
+        assert self._teacher_text is not None and self._text_rng is not None
+        x = self._next_images().to(strategy.device)
+        pick = np.sort(self._text_rng.choice(len(self.texts), size=self.n_texts, replace=False))
+        pick_t = torch.as_tensor(pick, device=self._teacher_text.device)
+        with torch.no_grad():
+            u0 = teacher.encode_image(x.to(next(teacher.parameters()).dtype)).float()
+        with keep_captured_features(model), autocast_context(strategy):
+            u = model.encode_image(x).float()
+            w = model.encode_text([self.texts[int(i)] for i in pick]).float() if model.text_trainable else None
+        return zscl_distillation(
+            u, u0, self._teacher_text[pick_t], model.logit_scale.float(), student_text=w,
+            temperature=self.params.temperature, image_to_text=self.params.image_to_text, text_to_image=self.params.text_to_image,
+        )
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.params.weight > 0:
+            distill = self.distillation_loss(strategy)
+            self.loss_terms["zscl_distill"] = float(distill.detach())
+            strategy.loss = strategy.loss + self.params.weight * distill
+        if self.params.l2_weight > 0:
+            named = trainable_named_parameters(strategy)
+            if self.anchor is None:
+                self.anchor = {n: p.detach().clone() for n, p in named}
+            l2 = l2_to_anchor(named, self.anchor)
+            self.loss_terms["zscl_l2"] = float(l2.detach())
+            strategy.loss = strategy.loss + self.params.l2_weight * l2
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.iteration += 1
+        if self.ensemble is not None and self.ensemble.due(self.iteration):
+            self.ensemble.update(trainable_named_parameters(strategy))
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.ensemble is None:
+            return
+        params = dict(trainable_named_parameters(strategy))
+        with torch.no_grad():
+            for name, avg in self.ensemble.average.items():
+                params[name].copy_(avg.to(params[name].dtype))
+        unwrap(strategy.model).text_changed()
+        self._batches = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": self.anchor,
+            "ensemble": None if self.ensemble is None else self.ensemble.state_dict(),
+            "iteration": int(self.iteration),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else {n: t.detach().clone() for n, t in anchor.items()}
+        self.iteration = int(state.get("iteration", 0))
+        ens = state.get("ensemble")
+        if ens is None:
+            self.ensemble = None
+        else:
+            self.ensemble = WeightEnsemble({n: t for n, t in ens["average"].items()}, int(ens["every"]))
+            self.ensemble.load_state_dict(ens)
+
+
+@STRATEGIES.register("zscl", ZSCLParams, help="ZSCL: distillation of the pre-trained model's reference logits, L2, weight ensembling")
+def build_zscl(params: ZSCLParams, stream: Any = None, config: Any = None, **context: Any) -> ZSCLPlugin:
+    if stream is None:
+        raise UserError("zscl: the strategy needs the stream (build it through the runner)")
+    seed = config.run.seed if config is not None else 0
+    workers = config.train.workers if config is not None else 0
+    return ZSCLPlugin(params, stream, run_seed=seed, workers=workers)
