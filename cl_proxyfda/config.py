@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cl_proxyfda.adapters import AdapterConfig
 from cl_proxyfda.errors import ConfigError
+from cl_proxyfda.prompt_learner import PromptLearnerConfig
 from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
 
 
@@ -44,6 +45,9 @@ class ModelSection(_Strict):
     train_towers: list[Literal["image", "text"]] = ["image"]
     freeze_logit_scale: bool = True
     adapter: Optional[AdapterConfig] = None
+    prompt_learner: Optional[PromptLearnerConfig] = Field(
+        None, description="CoOp prompt context; freezes both towers (train_towers is then ignored)"
+    )
 
     @field_validator("train_towers")
     @classmethod
@@ -85,6 +89,8 @@ class EvalSection(_Strict):
     control: bool = True
     batch_size: int = Field(256, gt=0)
     every_experience: bool = True
+    retrieval: bool = Field(False, description="image-to-image retrieval mAP@k and Recall@1 per task as extra matrices")
+    retrieval_k: int = Field(20, gt=0, description="cut-off k of mAP@k")
 
 
 class WandbSection(_Strict):
@@ -261,6 +267,8 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
     adapter = cfg.model.adapter
     if adapter is not None and "text" in adapter.towers and "text" not in cfg.model.train_towers:
         raise ConfigError("model.adapter.towers", "text-tower adapters need 'text' in model.train_towers")
+    if cfg.model.prompt_learner is not None and adapter is not None:
+        raise ConfigError("model.prompt_learner", "prompt tuning trains the context only; remove model.adapter")
     if cfg.train.iterations is not None and cfg.train.epochs is not None:
         raise ConfigError("train.epochs", "set either iterations or epochs, not both")
     if cfg.train.sampler == "class_balanced":

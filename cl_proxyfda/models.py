@@ -147,6 +147,7 @@ class CLIPTaskModel(MultiTaskModule):
         self._sink = _FeatureSink()
         self.last: dict[str, Any] = {}
         self.text_encode_calls = 0  # how often class heads were computed (tests, bench)
+        self.prompt_learner: nn.Module | None = None  # CoOp context (cl_proxyfda.prompt_learner)
         self.set_trainable(self.train_towers, freeze_logit_scale)
 
     # ------------------------------------------------------------------ set-up
@@ -157,6 +158,11 @@ class CLIPTaskModel(MultiTaskModule):
         if unknown:
             raise UserError(f"model.train_towers: unknown tower(s) {sorted(unknown)} (use image, text)")
         self.train_towers = towers
+        if self.prompt_learner is not None:  # prompt tuning: the context is the only trainable tensor
+            self.clip.requires_grad_(False)
+            self.train_towers = set()
+            self.text_changed()
+            return
         from cl_proxyfda.adapters import freeze_all_but_adapters, has_adapters
 
         if has_adapters(self.clip):  # adapters are the only trainable parameters
@@ -250,6 +256,8 @@ class CLIPTaskModel(MultiTaskModule):
         """
         if task_id < 0 or task_id >= len(self.tasks):
             raise IndexError(f"task label {task_id} has no vocabulary ({len(self.tasks)} tasks known)")
+        if self.prompt_learner is not None:  # learned prompts (cached by the learner itself)
+            return self.prompt_learner.class_embeddings(task_id)
         if self.training and self.text_trainable and torch.is_grad_enabled():
             return self._compute_head(task_id)
         if self._cache.version != self._text_version:

@@ -167,6 +167,10 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
 
         inject_adapters(model.clip, cfg.model.adapter)
         model.set_trainable(cfg.model.train_towers, cfg.model.freeze_logit_scale)
+    if cfg.model.prompt_learner is not None:
+        from cl_proxyfda.prompt_learner import attach_prompt_learner
+
+        attach_prompt_learner(model, cfg.model.prompt_learner)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     plugins = []
@@ -273,6 +277,15 @@ def evaluate_row(run: Run) -> tuple[list[float], float | None]:
     return row, control
 
 
+def extra_rows(run: Run) -> dict[str, list[float]] | None:
+    """Rows of the extra matrices: image retrieval mAP@k and Recall@1 with eval.retrieval."""
+    if not run.config.eval.retrieval:
+        return None
+    from cl_proxyfda.retrieval import retrieval_row
+
+    return retrieval_row(run.model, run.evaluator, len(run.stream.tasks), run.device, k=run.config.eval.retrieval_k)
+
+
 def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
     """Train through the stream, evaluating after each experience; returns RunResults.
 
@@ -339,7 +352,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         results = RunResults(task_names=run.task_names)
         results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
         row, control = evaluate_row(run)
-        results.add_row(row, control=control, diagnostics=_diagnostics(run))
+        results.add_row(row, control=control, diagnostics=_diagnostics(run), extra=extra_rows(run))
         if main:
             results.save(out)
         if logger is not None:
@@ -355,7 +368,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         row, control = evaluate_row(run)
         diag = _diagnostics(run)
         diag.update({"train_seconds": train_seconds, "seconds": time.time() - t_exp, "peak_memory_mb": peak_memory_mb(run.device)})
-        results.add_row(row, control=control, diagnostics=diag)
+        results.add_row(row, control=control, diagnostics=diag, extra=extra_rows(run))
         results.meta["wall_seconds"] = results.meta.get("wall_seconds", 0.0) + (time.time() - t_exp)
         results.meta["peak_memory_mb"] = peak_memory_mb(run.device)
         if main:

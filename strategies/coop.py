@@ -134,8 +134,7 @@ class PromptFDA(nn.Module):
         self.rng = torch.Generator().manual_seed(params.seed)
         self.references: dict[int, tuple[list[str], Tensor, list[str], Tensor | None]] = {}
         self.terms: dict[str, float] = {}
-        self.anchor_count = 0
-        self.positives_per_anchor = 0.0
+        self.anchor_count = 0  # anchors of the last loss (diagnostic)
 
     @property
     def tau(self) -> float:
@@ -179,7 +178,7 @@ class PromptFDA(nn.Module):
         zh = zh.to(z.device)
         extra = 0 if learner.class_specific else min(max(0, self.params.min_anchors - len(names)), len(pool))
         if extra == 0 or zh_pool is None:
-            return z, zh, names
+            return z, zh, list(names)
         idx = torch.randperm(len(pool), generator=self.rng)[:extra]
         drawn = [pool[i] for i in idx.tolist()]
         z_extra = learner.encode_names(drawn).float()
@@ -198,7 +197,6 @@ class PromptFDA(nn.Module):
         k = min(self.params.k, n - 1)
         sim_h = zh @ zh.t()
         positives = graph_mask(knn_graph(sim_h, k), n)
-        self.positives_per_anchor = float(k)
         proxies = gen_loss = None
         if self.generator is not None:
             pooling = self.generator(z, sim_h, positives)
