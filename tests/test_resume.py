@@ -32,7 +32,7 @@ def _cli(args: list[str]) -> subprocess.Popen:
 
 
 def test_sigkill_after_experience_2_then_resume_matches_uninterrupted(tmp_path, tiny_stream_root):
-    iterations = 40
+    iterations = 20
     # Uninterrupted reference, in this process.
     ref = execute(build_run(parse_config(_config(tiny_stream_root, tmp_path / "ref", iterations))))
 
