@@ -148,6 +148,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Micro-benchmarks as ratios (cl_proxyfda/bench.py); markdown on stdout."""
+    from cl_proxyfda.bench import run_bench
+
+    argv = ["cl-proxyfda bench"] + (["--quick"] if args.quick else []) + ([f"--sections {args.sections}"] if args.sections else [])
+    argv += ([f"--model {args.model}"] if args.model else []) + ([f"--pretrained {args.pretrained}"] if args.pretrained else [])
+    argv += ([f"--repeats {args.repeats}"] if args.repeats else []) + ([f"--out {args.out}"] if args.out else [])
+    report = run_bench(out=args.out, quick=args.quick, sections=args.sections, model=args.model, pretrained=args.pretrained, repeats=args.repeats, command=" ".join(argv))
+    print(report["markdown"])
+    if args.out:
+        print(f"wrote {Path(args.out) / 'bench.json'} and {Path(args.out) / 'bench.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cl-proxyfda", description="Continual fine-tuning of CLIP-like models without forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, default=None, help="number of sharing processes (default: $WORLD_SIZE or 1)")
     p.add_argument("--experience", default=None, help="only this experience: 1-based index or task name (default: all)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="micro-benchmarks reported as ratios measured in one process")
+    p.add_argument("--out", help="folder for bench.json and bench.md (written atomically)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's)")
+    p.add_argument("--sections", help="comma-separated: steps,eval,knn,awc,generation,gpu (default: all)")
+    p.add_argument("--model", help="open_clip model name (default: demo-clip-tiny with its shipped weights, else cl-test-tiny)")
+    p.add_argument("--pretrained", help="weights tag or file for --model (default: random weights for a named model)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats of each measurement (default 3, --quick 1)")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

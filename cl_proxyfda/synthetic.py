@@ -175,10 +175,11 @@ def plan_experience(spec: SyntheticSpec, stream: Any, key: tuple[str, str], expe
 
 
 def distributed_shard() -> tuple[int, int]:
-    """(rank, world) of torch.distributed when initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    """(rank, world) of the torchrun process group, (0, 1) in a single process."""
+    from cl_proxyfda.distributed import current
+
+    ctx = current()
+    return ctx.rank, ctx.world
 
 
 def ensure_plan(plan: SyntheticPlan, generator: Any, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict[str, int]:
@@ -218,7 +219,9 @@ def prepare_experience(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if shard is None and rank_world[1] > 1:
-        torch.distributed.barrier()
+        from cl_proxyfda.distributed import barrier
+
+        barrier()
     return plan, stats
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
@@ -157,6 +156,7 @@ class GIFTPlugin(CLPlugin):
         self._teacher_text: Tensor | None = None
         self._student_text: Tensor | None = None
         self._batches: Any = None
+        self._loader: Any = None
         # counters (tests, benchmarks)
         self.teacher_image_forwards = 0
         self.teacher_text_forwards = 0

@@ -141,6 +141,7 @@ class ZSCLPlugin(CLPlugin):
         self.iteration = 0
         self._teacher_text: Tensor | None = None
         self._batches: Any = None
+        self._loader: Any = None
         self._text_rng: np.random.Generator | None = None
         self.teacher_text_forwards = 0
 

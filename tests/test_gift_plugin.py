@@ -47,7 +47,7 @@ def shared_cache(tmp_path_factory) -> Path:
 def gift_entry(pipe: Path, cache: Path, **over) -> dict:
     entry = {
         "name": "gift",
-        "generator": {"name": "diffusers", "model": str(pipe), "steps": 2, "progress": False},
+        "generator": {"name": "diffusers", "model": str(pipe), "steps": 2, "guidance": 1.0, "progress": False},
         "images_per_experience": 8,
         "synthetic_batch_size": 4,
         "base_concepts": list(BASE),
@@ -259,3 +259,36 @@ def test_mtil_order1_gift_config_parses_and_builds_vit_b16():
     trainable = {n for n, p in model.clip.named_parameters() if p.requires_grad}
     assert "logit_scale" not in trainable
     assert any(n.startswith("visual.") for n in trainable) and any(n.startswith("transformer.") for n in trainable)
+
+
+DEMO_OVERRIDES = [
+    "model.pretrained=none", "run.device=cpu",
+    "stream.tasks=[counting, shades]", "stream.train_per_class=2", "stream.test_per_class=2",
+    "stream.control_per_class=1", "stream.reference_size=0",
+    "train.iterations=2", "train.warmup=0", "train.batch_size=8", "eval.batch_size=64",
+    "strategies.0.images_per_experience=8", "strategies.0.synthetic_batch_size=4",
+    "logging.wandb.mode=disabled", "logging.plots=false", "logging.progress=false",
+]
+
+
+def test_demo_gift_config_parses():
+    cfg = load_config(REPO / "configs" / "demo_gift.yaml")
+    assert cfg.model.name == "demo-clip-tiny" and cfg.model.pretrained == "demo" and cfg.stream.name == "demo"
+    assert [s.name for s in cfg.strategies] == ["gift"]
+    gift = GIFTParams(**cfg.strategies[0].args)
+    assert gift.generator.name == "world" and gift.base_concepts == "stream"
+
+
+def test_demo_gift_awc_config_runs_downsized_with_the_world_renderer(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo_gift_awc.yaml", DEMO_OVERRIDES + [f"run.output_dir={tmp_path / 'runs'}"])
+    assert [s.name for s in cfg.strategies] == ["gift", "awc"]
+    run = build_run(cfg)
+    results = execute(run, quiet=True)
+    gift, awc = run.plugins
+    assert gift.plan.pool_size == 256 + 4  # the world's base concepts + the counting task's classes
+    assert not set(gift.plan.prompts) & current_task_prompts(run.stream, 1)
+    assert math.isfinite(gift.loss_terms["gift"]) and gift.loss_terms["gift_kd"] > 0
+    assert math.isfinite(awc.loss_terms["awc"]) and awc.gradient_calls == 2 * 2
+    assert results.matrix().shape == (3, 2)
+    images = sorted((tmp_path / "runs" / "synthetic").glob("world-*/demo/default/experience_00*/images/*.png"))
+    assert len(images) == 2 * 8
