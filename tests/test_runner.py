@@ -168,3 +168,15 @@ def test_readme_python_example_pattern(tiny_stream_root):
         strategy.train(experience)
     assert ldifs.loss_terms["ldifs"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_wandb_online_without_key_falls_back_to_offline_and_the_run_goes_on(tmp_path, tiny_stream_root, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg = tiny_config(tiny_stream_root, tmp_path / "runs", logging={"wandb": {"mode": "online", "project": "nokey"}, "plots": False, "progress": False}, train={"iterations": 1})
+    with caplog.at_level("WARNING"):
+        results = execute(build_run(parse_config(cfg)))
+    assert results.complete
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "wandb" in r.getMessage().lower()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert len(list((tmp_path / "runs" / "tiny").rglob("*.wandb"))) == 1  # logged offline instead
