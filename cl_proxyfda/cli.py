@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", help="comma-separated: steps,eval,knn,awc,generation,gpu (default: all)")
     p.add_argument("--model", help="open_clip model name (default: demo-clip-tiny with its shipped weights, else cl-test-tiny)")
     p.add_argument("--pretrained", help="weights tag or file for --model (default: random weights for a named model)")
-    p.add_argument("--repeats", type=int, help="interleaved repeats of each measurement (default 3, --quick 1)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats of each measurement (default 4, --quick 1)")
     p.set_defaults(func=cmd_bench)
 
     return parser
