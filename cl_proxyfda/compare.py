@@ -400,8 +400,13 @@ def plan_comparison(
     source: str | Path | Mapping[str, Any],
     out_dir: str | Path | None = None,
     overrides: Sequence[str] | None = None,
+    only: Sequence[str] | None = None,
 ) -> ComparisonPlan:
-    """Expand and validate every variant x seed of a comparison; writes nothing."""
+    """Expand and validate every variant x seed of a comparison; writes nothing.
+
+    ``only`` keeps the variants with these names (a grid variant is kept by its base
+    name or its full name); the others are validated but not planned.
+    """
     spec, base, name, raw = load_comparison(source, overrides)
     _parse_run(base, "base")  # the base must be a valid run by itself
     out = Path(out_dir) if out_dir is not None else Path(spec.output_dir) / name
@@ -435,6 +440,12 @@ def plan_comparison(
                 cfg = _parse_run(run_data, where, note)
                 runs.append(PlannedRun(vname, seed, cfg, out / "variants" / folder / f"seed{seed}"))
             variants.append(VariantPlan(vname, vspec.name, i, dict(values), folder, runs))
+    if only:
+        known = {v.name for v in variants} | {v.spec_name for v in variants}
+        unknown = [o for o in only if o not in known]
+        if unknown:
+            raise ConfigError("--only", f"unknown variant(s) {unknown} (known: {', '.join(sorted(known))})")
+        variants = [v for v in variants if v.name in only or v.spec_name in only]
     return ComparisonPlan(name, spec.description, out, list(spec.seeds), variants, raw)
 
 
@@ -871,6 +882,7 @@ def run_comparison(
     overrides: Sequence[str] | None = None,
     *,
     log: Any = None,
+    only: Sequence[str] | None = None,
 ) -> ComparisonResult:
     """Validate, run (skipping finished runs, resuming partial ones) and tabulate.
 
@@ -880,7 +892,7 @@ def run_comparison(
         def log(line: str) -> None:
             print(line, file=sys.stderr, flush=True)
 
-    plan = plan_comparison(path_or_mapping, out_dir, overrides)
+    plan = plan_comparison(path_or_mapping, out_dir, overrides, only)
     log(f"compare {plan.name}: {len(plan.variants)} variants x {len(plan.seeds)} seeds = {len(plan.runs)} runs -> {plan.out_dir}")
     outcomes = _execute_plan(plan, log)
     rows = summarize_variants(plan, outcomes)

@@ -406,3 +406,21 @@ def test_wandb_offline_runs_and_summary(stream_root, tmp_path, monkeypatch):
     run_info = _leet("--summary", "--json", str(run_local[0]))
     assert run_info["name"] == "naive-seed0"
     assert run_info["summary"]["last"] == pytest.approx(RunResults.load(out / "variants" / "naive" / "seed0").summary()["last"])
+
+
+def test_only_keeps_the_named_variants_and_rejects_unknown(tmp_path, capsys):
+    from cl_proxyfda.cli import main
+    from cl_proxyfda.compare import plan_comparison
+    from cl_proxyfda.errors import ConfigError
+
+    data = {
+        "name": "onlytest",
+        "base": {"model": {"name": "cl-test-tiny"}, "stream": {"name": "image_folder", "root": str(tmp_path)}},
+        "variants": [{"name": "naive"}, {"name": "l2sp", "strategies": [{"name": "l2sp"}], "grid": {"strategies.0.weight": [0.1, 1.0]}}],
+    }
+    plan = plan_comparison(data, tmp_path / "out", only=["l2sp"])
+    assert [v.name for v in plan.variants] == ["l2sp[weight=0.1]", "l2sp[weight=1.0]"]
+    plan = plan_comparison(data, tmp_path / "out", only=["naive", "l2sp[weight=1.0]"])
+    assert [v.name for v in plan.variants] == ["naive", "l2sp[weight=1.0]"]
+    with pytest.raises(ConfigError, match="unknown variant"):
+        plan_comparison(data, tmp_path / "out", only=["ewc"])
