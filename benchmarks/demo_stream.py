@@ -8,12 +8,14 @@ task               classes what it is
 =================  ======  ===========================================================
 outline-colours    8       base colours, but drawn as outlines on coloured backgrounds
                            with pixel noise: covered by pre-training, shifted style
-counting           4       how many objects (1-4): never named in pre-training
+counting           4       how many (blue) objects, 1-4: never named in pre-training
 shades             6       dark/light red, green, blue: fine-grained colour shades
 novel-textures     4       wavy, gridded, gradient, speckled: textures never seen
+                           (large green centred squares and circles: swatches)
 digits             10      real images: scikit-learn's handwritten digits (8x8),
-                           upscaled to the world size and coloured
-position           5       where a single object lies (left/right/top/bottom/center)
+                           upscaled to the world size, purple ink on light paper
+position           5       where a single small red object lies (left, right, top,
+                           bottom, center): never named in pre-training
 =================  ======  ===========================================================
 
 Control set (``StreamData.control``): zero-shot classification of the eight base
@@ -26,6 +28,16 @@ The control task has an empty training set.
 of the base world (8 x 4 x 8 = 256), i.e. exactly the pre-training captions with
 "a photo of a {}." ("a photo of a red striped circle."), which the world renderer
 backend draws. ``StreamData.reference``: unlabelled base-world images (labels 0).
+
+The novel-concept tasks and the digits use one object colour each: the demo model's
+image features are dominated by colour, and with colour as a free nuisance a task
+like counting is learned slowly (45% after 120 steps of batch 32 at lr 3e-4
+against 85% with a fixed colour, measured on the shipped model).
+
+The text tower of the demo model knows the novel class words from text alone (see
+``cl_proxyfda.demo_pretrain.LANGUAGE_CONCEPTS``), as a real CLIP knows words it has
+rarely seen pictured: zero-shot accuracy on the novel tasks is near chance, and the
+image tower has to learn them.
 
 Images are rendered when the stream is built (about a second for the whole stream),
 from seeds derived from ``seed``, the task's fixed number and the split, so a task's
@@ -44,13 +56,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cl_proxyfda.benchmarks import demo_world as world
 from cl_proxyfda.benchmarks.image_folder import subsample_task
 from cl_proxyfda.benchmarks.stream import ArrayImageDataset, StreamData, Task
-from cl_proxyfda.errors import ConfigError, UserError
+from cl_proxyfda.errors import UserError
 from cl_proxyfda.registry import STREAMS
 
 DIGIT_NAMES: tuple[str, ...] = tuple(str(d) for d in range(10))
 CONTROL_TEMPLATES: list[str] = ["a photo of a {}."]
+DIGIT_BACKGROUNDS: tuple[str, ...] = ("white", "light gray")
+DIGIT_INK = "purple"
 # Outline task style: contours only, coloured backgrounds, pixel noise.
-OUTLINE_STYLE: dict[str, Any] = {"outline": True, "noise_std": 30.0}
+OUTLINE_STYLE: dict[str, Any] = world.STYLE_SHIFTS["outline-noise"]
 _SPLITS = {"train": 0, "test": 1, "colour": 2, "control": 3, "reference": 4}
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train images, labels, test images, labels
 
@@ -100,7 +114,7 @@ def load_digit_glyphs() -> tuple[np.ndarray, np.ndarray]:
 
 def colour_digits(glyphs: np.ndarray, rng: np.random.Generator, image_size: int) -> np.ndarray:
     """Upscale grey 8x8 digits (values in [0, 1]) to ``image_size`` (bilinear, a small
-    margin) and colour them: a base colour for the ink on a base background."""
+    margin) and colour them: purple ink (jittered) on white or light gray paper."""
     import torch
     import torch.nn.functional as F
 
@@ -110,8 +124,8 @@ def colour_digits(glyphs: np.ndarray, rng: np.random.Generator, image_size: int)
     up = F.interpolate(torch.from_numpy(glyphs)[:, None], size=(inner, inner), mode="bilinear", align_corners=False)[:, 0].numpy()
     ink = np.zeros((n, image_size, image_size), dtype=np.float32)
     ink[:, margin : margin + inner, margin : margin + inner] = np.clip(up, 0.0, 1.0)
-    fg = np.array([world.COLOURS[c] for c in world.BASE_COLOURS], dtype=np.float32)[rng.integers(0, len(world.BASE_COLOURS), n)]
-    bg = np.array([world.BACKGROUNDS[b] for b in world.BASE_BACKGROUNDS], dtype=np.float32)[rng.integers(0, len(world.BASE_BACKGROUNDS), n)]
+    fg = np.array(world.COLOURS[DIGIT_INK], dtype=np.float32)[None] + rng.uniform(-20, 20, size=(n, 3)).astype(np.float32)
+    bg = np.array([world.BACKGROUNDS[b] for b in DIGIT_BACKGROUNDS], dtype=np.float32)[rng.integers(0, len(DIGIT_BACKGROUNDS), n)]
     img = bg[:, None, None, :] + ink[..., None] * (fg - bg)[:, None, None, :]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -155,7 +169,7 @@ DEMO_TASKS: tuple[DemoTaskSpec, ...] = (
     DemoTaskSpec(
         "counting", 2, world.COUNT_WORDS,
         ("a photo of {} objects.", "a picture with {} shapes in it."),
-        world_task("count", world.COUNTS),
+        world_task("count", world.COUNTS, colour="blue"),
         {"kind": "novel concept", "covered_by_pretraining": False},
     ),
     DemoTaskSpec(
@@ -167,7 +181,7 @@ DEMO_TASKS: tuple[DemoTaskSpec, ...] = (
     DemoTaskSpec(
         "novel-textures", 4, world.NOVEL_TEXTURES,
         ("a photo of a {} object.", "a shape with a {} pattern."),
-        world_task("texture", world.NOVEL_TEXTURES, size="large"),
+        world_task("texture", world.NOVEL_TEXTURES, size="large", shape=["square", "circle"], position="center", colour="green"),
         {"kind": "novel concept", "covered_by_pretraining": False},
     ),
     DemoTaskSpec(
@@ -179,7 +193,7 @@ DEMO_TASKS: tuple[DemoTaskSpec, ...] = (
     DemoTaskSpec(
         "position", 6, world.POSITIONS,
         ("a photo of an object in the {} part of the image.", "a picture with a shape in the {}."),
-        world_task("position", world.POSITIONS, size="small"),
+        world_task("position", world.POSITIONS, size="small", colour="red"),
         {"kind": "novel concept", "covered_by_pretraining": False},
     ),
 )
@@ -192,8 +206,8 @@ class DemoStreamParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = Field(0, ge=0, description="seed of every image and split of the stream")
     image_size: int = Field(32, ge=16, le=512, description="image side in pixels (the demo model takes 32)")
-    train_per_class: int = Field(32, ge=1, description="training images per class")
-    test_per_class: int = Field(20, ge=1, description="test images per class")
+    train_per_class: int = Field(100, ge=1, description="training images per class (digits: train + test <= 174)")
+    test_per_class: int = Field(25, ge=1, description="test images per class")
     tasks: list[str] | None = Field(None, description=f"subset of the tasks (stream order kept): {', '.join(DEMO_TASK_NAMES)}")
     control_per_class: int = Field(40, ge=0, description="control-set images per base shape (0: no control set)")
     reference_size: int = Field(512, ge=0, description="unlabelled base-world reference images (0: none)")
@@ -245,10 +259,7 @@ def reference_images(params: DemoStreamParams) -> ArrayImageDataset:
 def build_demo_stream(params: DemoStreamParams, **context: Any) -> StreamData:
     """Render the demo stream (tasks, control set, reference images, base concepts)."""
     names = params.tasks if params.tasks is not None else list(DEMO_TASK_NAMES)
-    chosen = [spec for spec in DEMO_TASKS if spec.name in names]
-    if not chosen:
-        raise ConfigError("stream.tasks", f"no demo task chosen (known: {', '.join(DEMO_TASK_NAMES)})")
-    tasks = [build_task(spec, params) for spec in chosen]
+    tasks = [build_task(spec, params) for spec in DEMO_TASKS if spec.name in names]
     control = control_task(params) if params.control_per_class > 0 else None
     reference = reference_images(params) if params.reference_size > 0 else None
     return StreamData(tasks=tasks, control=control, reference=reference, base_concepts=world.base_concepts())

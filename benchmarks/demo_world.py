@@ -82,7 +82,7 @@ STYLE_SHIFTS: dict[str, dict[str, Any]] = {
     "base": {},
     "outline": {"outline": True},
     "noise": {"noise_std": 40.0},
-    "outline-noise": {"outline": True, "noise_std": 40.0},
+    "outline-noise": {"outline": True, "noise_std": 30.0},
 }
 
 # Geometry, as fractions of the image side.

@@ -30,6 +30,7 @@ class RunSection(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     output_dir: str = "runs"
     teacher_half: bool = Field(False, description="keep frozen teachers in half precision on CUDA")
+    threads: Optional[int] = Field(None, gt=0, description="CPU threads for torch (default: torch's choice)")
 
     @field_validator("name")
     @classmethod

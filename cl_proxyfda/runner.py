@@ -139,6 +139,8 @@ def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any
 def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
     """Build stream, model, plugins and strategy; writes nothing."""
     load_builtin_components()
+    if cfg.run.threads is not None:
+        torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     ctx = init_distributed(device.type)

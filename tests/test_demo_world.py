@@ -214,3 +214,21 @@ def test_few_shot_and_registry_and_bad_params():
 
     with pytest.raises(UserError, match="digit"):
         build_demo_stream(DemoStreamParams(tasks=["digits"], train_per_class=150, test_per_class=50))
+
+
+def test_digits_are_real_upscaled_and_coloured(stream):
+    digits = stream.tasks[DEMO_TASK_NAMES.index("digits")]
+    glyphs, targets = load_digit_glyphs()
+    train_idx, _ = digit_split(0, 5, 12, 6)
+    imgs = digits.train.images.astype(int)
+    ink = imgs.sum(-1) < 500  # darker than the light paper
+    assert ink.mean() > 0.1
+    inked = imgs[ink]
+    assert (inked[:, 2] > inked[:, 1] + 40).mean() > 0.8  # purple ink, not grey
+    # The ink follows the 8x8 glyph: correlation of darkness with the upscaled digit.
+    import torch
+
+    dark = torch.from_numpy((255.0 * 3 - imgs.sum(-1))[:, None, 2:30, 2:30])  # the 28x28 inside the margin
+    coarse = torch.nn.functional.adaptive_avg_pool2d(dark, 8).reshape(len(imgs), -1).numpy()
+    corr = [np.corrcoef(a, b.ravel())[0, 1] for a, b in zip(coarse, glyphs[train_idx])]
+    assert np.median(corr) > 0.9
