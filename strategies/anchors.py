@@ -6,6 +6,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from cl_proxyfda.strategies.base import CLPlugin
 from cl_proxyfda.teacher import teacher_bank, unwrap
 
 Anchor = Literal["pretrained", "previous"]
@@ -29,3 +30,41 @@ def snapshot_anchor(strategy: Any, anchor: Anchor) -> dict[str, Tensor]:
             return {n: initial[n].detach().clone() for n in names}
     params = dict(unwrap(strategy.model).named_parameters())
     return {n: params[n].detach().clone() for n in names}
+
+
+class AnchoredPenaltyPlugin(CLPlugin):
+    """Adds ``weight * penalty(trainable parameters, anchors)`` to every batch's loss.
+
+    Subclasses set ``term`` (the loss-term name) and ``penalty`` (a pure function of the
+    named parameters and the anchor tensors). The anchor is taken at the first
+    experience (``pretrained``) or at the start of each (``previous``).
+    """
+
+    term = "penalty"
+
+    def __init__(self, weight: float, anchor: str = "pretrained") -> None:
+        super().__init__()
+        self.weight = weight
+        self.anchor = anchor
+        self.anchors: dict[str, Tensor] | None = None
+
+    @staticmethod
+    def penalty(named_params: Any, anchors: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.anchors is None or self.anchor == "previous":
+            self.anchors = snapshot_anchor(strategy, self.anchor)  # type: ignore[arg-type]
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.weight == 0 or not self.anchors:
+            return
+        loss = self.penalty(trainable_named_parameters(strategy), self.anchors)
+        self.loss_terms[self.term] = float(loss.detach())
+        strategy.loss = strategy.loss + self.weight * loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchors": self.anchors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.anchors = state.get("anchors")

@@ -67,7 +67,7 @@ from cl_proxyfda.losses.infusing import (
     per_tensor_mean_l2,
 )
 from cl_proxyfda.registry import STRATEGIES
-from cl_proxyfda.strategies.anchors import snapshot_anchor, trainable_named_parameters
+from cl_proxyfda.strategies.anchors import AnchoredPenaltyPlugin, snapshot_anchor, trainable_named_parameters
 from cl_proxyfda.strategies.base import CLPlugin
 from cl_proxyfda.teacher import student_outputs, teacher_bank, unwrap
 from cl_proxyfda.benchmarks.samplers import RandomBatchSampler
@@ -563,32 +563,15 @@ class GenericDistillPlugin(CLPlugin):
 
 
 # -------------------------------------------------------------------- mean L2-SP
-class MeanL2Plugin(CLPlugin):
+class MeanL2Plugin(AnchoredPenaltyPlugin):
     """``weight * sum over trainable tensors of mean((theta - theta_0)^2)``, every batch."""
 
     name = "infusing_l2"
+    term = "mean_l2"
+    penalty = staticmethod(per_tensor_mean_l2)
 
     def __init__(self, weight: float = 1e4, anchor: str = "pretrained") -> None:
-        super().__init__()
-        self.weight, self.anchor = weight, anchor
-        self.anchors: dict[str, Tensor] | None = None
-
-    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.anchors is None or self.anchor == "previous":
-            self.anchors = snapshot_anchor(strategy, self.anchor)  # type: ignore[arg-type]
-
-    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.weight == 0 or not self.anchors:
-            return
-        loss = per_tensor_mean_l2(trainable_named_parameters(strategy), self.anchors)
-        self.loss_terms["mean_l2"] = float(loss.detach())
-        strategy.loss = strategy.loss + self.weight * loss
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"anchors": self.anchors}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.anchors = state.get("anchors")
+        super().__init__(weight, anchor)
 
 
 # -------------------------------------------------------------- model selection
