@@ -43,7 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
-from PIL import Image
+
+from cl_proxyfda.benchmarks.colour_folders import write_image_folder_stream
 
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.teacher import TeacherBank
@@ -296,28 +297,8 @@ class BenchContext:
         return parse_config(raw)
 
 
-# Image-folder fallback stream (a copy of the test suite's writer: noisy solid colours).
-PALETTE = {
-    "red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-    "purple": (150, 40, 200), "cyan": (30, 210, 220), "orange": (240, 140, 20), "gray": (128, 128, 128),
-}
+
 BENCH_TASKS = {"warm": ["red", "orange", "yellow", "purple"], "cool": ["blue", "cyan", "green", "gray"]}
-
-
-def write_image_folder_stream(root: Path, tasks: dict[str, list[str]], train_per_class: int = 6, test_per_class: int = 4,
-                              size: int = 32, seed: int = 0) -> Path:
-    """Write ``root/TASK/{train,test}/CLASS/*.png`` with noisy solid-colour images."""
-    rng = np.random.default_rng(seed)
-    for task, classes in tasks.items():
-        for split, count in (("train", train_per_class), ("test", test_per_class)):
-            for cname in classes:
-                folder = root / task / split / cname
-                folder.mkdir(parents=True, exist_ok=True)
-                base = np.array(PALETTE[cname], dtype=np.float32)
-                for i in range(count):
-                    img = np.clip(base + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
-                    Image.fromarray(img).save(folder / f"{i}.png")
-    return root
 
 
 # ---------------------------------------------------------------- timing tools

@@ -67,7 +67,7 @@ from cl_proxyfda.losses.infusing import (
     per_tensor_mean_l2,
 )
 from cl_proxyfda.registry import STRATEGIES
-from cl_proxyfda.strategies.anchors import AnchoredPenaltyPlugin, snapshot_anchor, trainable_named_parameters
+from cl_proxyfda.strategies.anchors import AnchoredPenaltyPlugin, trainable_named_parameters
 from cl_proxyfda.strategies.base import CLPlugin
 from cl_proxyfda.teacher import student_outputs, teacher_bank, unwrap
 from cl_proxyfda.benchmarks.samplers import RandomBatchSampler

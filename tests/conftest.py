@@ -17,31 +17,9 @@ for _var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
 
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
 
-# Distinct, easy colours per class so that a tiny model can learn them in a few steps.
-PALETTE = {
-    "red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-    "purple": (150, 40, 200), "cyan": (30, 210, 220), "orange": (240, 140, 20), "gray": (128, 128, 128),
-}
-
-
-def write_image_folder_stream(root: Path, tasks: dict[str, list[str]], train_per_class: int = 6, test_per_class: int = 4, size: int = 32, seed: int = 0) -> Path:
-    """Write root/TASK/{train,test}/CLASS/*.png with noisy solid-colour images."""
-    rng = np.random.default_rng(seed)
-    for task, classes in tasks.items():
-        for split, count in (("train", train_per_class), ("test", test_per_class)):
-            for cname in classes:
-                folder = root / task / split / cname
-                folder.mkdir(parents=True, exist_ok=True)
-                base = np.array(PALETTE[cname], dtype=np.float32)
-                for i in range(count):
-                    img = np.clip(base + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
-                    Image.fromarray(img).save(folder / f"{i}.png")
-    return root
-
+from cl_proxyfda.benchmarks.colour_folders import PALETTE, write_image_folder_stream  # noqa: E402,F401
 
 TINY_TASKS = {"warm": ["red", "orange", "yellow"], "cool": ["blue", "cyan", "green"], "mixed": ["purple", "gray"]}
 
