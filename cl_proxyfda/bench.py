@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
 from cl_proxyfda.benchmarks.colour_folders import write_image_folder_stream
-
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.teacher import TeacherBank
 
