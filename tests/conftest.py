@@ -24,6 +24,20 @@ from cl_proxyfda.benchmarks.colour_folders import PALETTE, write_image_folder_st
 TINY_TASKS = {"warm": ["red", "orange", "yellow"], "cool": ["blue", "cyan", "green"], "mixed": ["purple", "gray"]}
 
 
+@pytest.fixture(scope="session")
+def tiny_pipe(tmp_path_factory) -> Path:
+    """A real tiny Stable Diffusion pipeline saved to disk (built once per session)."""
+    from cl_proxyfda.generators.diffusers_backend import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """The tiny colour stream, shared read-only by a session's tests."""
+    return write_image_folder_stream(tmp_path_factory.mktemp("stream") / "data", TINY_TASKS)
+
+
 @pytest.fixture
 def tiny_stream_root(tmp_path: Path) -> Path:
     return write_image_folder_stream(tmp_path / "data", TINY_TASKS)

@@ -15,7 +15,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from cl_proxyfda.config import parse_config  # noqa: E402
 from cl_proxyfda.errors import UserError  # noqa: E402
-from cl_proxyfda.generators.diffusers_backend import build_tiny_pipeline  # noqa: E402
 from cl_proxyfda.losses.awc import TINY_IMPORTANCE  # noqa: E402
 from cl_proxyfda.runner import build_run, execute  # noqa: E402
 from cl_proxyfda.strategies.anchors import trainable_named_parameters  # noqa: E402
@@ -27,17 +26,7 @@ from cl_proxyfda.strategies.awc import (  # noqa: E402
     publish_synthetic_loss,
 )
 from cl_proxyfda.strategies.base import CLPlugin  # noqa: E402
-from conftest import TINY_TASKS, tiny_config, write_image_folder_stream  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipe", seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_image_folder_stream(tmp_path_factory.mktemp("stream") / "data", TINY_TASKS)
+from conftest import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from cl_proxyfda.cli import main  # noqa: E402
 from cl_proxyfda.config import load_config  # noqa: E402
-from cl_proxyfda.generators.diffusers_backend import build_tiny_pipeline  # noqa: E402
 from cl_proxyfda.runner import build_run, execute  # noqa: E402
-from conftest import TINY_TASKS, tiny_config, write_image_folder_stream  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 N = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipe", seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_image_folder_stream(tmp_path_factory.mktemp("stream") / "data", TINY_TASKS)
 
 
 def write_config(tmp: Path, root: Path, pipe: Path, strategies: list | None = None) -> Path:

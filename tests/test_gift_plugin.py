@@ -17,26 +17,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from cl_proxyfda.benchmarks.stream import ArrayImageDataset, StreamData, Task  # noqa: E402
 from cl_proxyfda.config import load_config, parse_config  # noqa: E402
 from cl_proxyfda.errors import ConfigError  # noqa: E402
-from cl_proxyfda.generators.diffusers_backend import build_tiny_pipeline  # noqa: E402
 from cl_proxyfda.models import build_task_model  # noqa: E402
 from cl_proxyfda.runner import build_run, execute  # noqa: E402
 from cl_proxyfda.strategies.gift import GIFTParams  # noqa: E402
 from cl_proxyfda.registry import STREAMS  # noqa: E402
 from cl_proxyfda.synthetic import current_task_prompts, eval_transform, experience_prompt_pool, plan_experience, stream_key  # noqa: E402
-from conftest import TINY_TASKS, tiny_config, write_image_folder_stream  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["circle", "square", "star"]
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipe", seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_image_folder_stream(tmp_path_factory.mktemp("stream") / "data", TINY_TASKS)
 
 
 @pytest.fixture(scope="module")
