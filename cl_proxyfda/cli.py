@@ -79,8 +79,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     load_builtin_components()
     for title, reg in (("strategies", STRATEGIES), ("streams", STREAMS), ("generators", GENERATORS)):
         print(f"{title}:")
+        width = max((len(n) for n in reg.names()), default=0)
         for name in reg.names():
-            print(f"  {name:14s} {reg.get(name).help}")
+            print(f"  {name:{width}s}  {reg.get(name).help}")
     models = list_model_names()
     ours = [m for m in models if m.startswith(("cl-", "demo-"))]
     print("models (package configs): " + ", ".join(ours))
