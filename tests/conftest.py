@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 
+# One CPU thread per process: the models here are tiny, and on a busy 2-core machine
+# OpenMP threads of concurrent processes thrash (10-50x slower steps were measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "offline"
