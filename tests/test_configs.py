@@ -26,3 +26,23 @@ def test_mtil_proxyfda_config_builds_vit_b16_from_random_weights():
     assert model.clip.visual.transformer.resblocks.__len__() == 12
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 85_000_000 < trainable < 90_000_000  # the ViT-B/16 image tower only
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("compare")], ids=lambda p: p.stem)
+def test_shipped_comparisons_plan(path, tmp_path):
+    from cl_proxyfda.compare import plan_comparison
+
+    plan = plan_comparison(path, tmp_path / "out")
+    assert plan.seeds == [0, 1, 2] and plan.variants
+    assert not (tmp_path / "out").exists()
+
+
+def test_union_comparison_holds_every_part():
+    from cl_proxyfda.compare import plan_comparison
+
+    union = {v.name for v in plan_comparison(next(p for p in CONFIGS if p.name == "compare_demo.yaml")).variants}
+    parts = set()
+    for p in CONFIGS:
+        if p.name.startswith("compare_demo_"):
+            parts |= {v.name for v in plan_comparison(p).variants}
+    assert union == parts
