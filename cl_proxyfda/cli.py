@@ -66,7 +66,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"{variant.name}: seeds {[r.seed for r in variant.runs]} -> {plan.out_dir / 'variants' / variant.folder}")
         print(f"ok: {len(plan.runs)} runs")
         return 0
-    result = run_comparison(args.config, args.out, args.set, only=args.only)
+    result = run_comparison(args.config, args.out, args.set, only=args.only, report_only=args.report_only)
     print(result.markdown)
     print(f"comparison: {result.out_dir}")
     return 3 if any(o.status == "diverged" for o in result.outcomes) else 0
@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a value of the comparison file (repeatable)")
     p.add_argument("--out", help="comparison folder (default: output_dir/name)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
+    p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already finished")
     p.add_argument("--only", type=lambda text: [v for v in text.split(",") if v], default=None, metavar="NAME,NAME", help="run only these variants (the table covers them only)")
     p.set_defaults(func=cmd_compare)
 

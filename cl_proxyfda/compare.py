@@ -524,7 +524,7 @@ def _free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _execute_plan(plan: ComparisonPlan, log: Any) -> list[RunOutcome]:
+def _execute_plan(plan: ComparisonPlan, log: Any, report_only: bool = False) -> list[RunOutcome]:
     from cl_proxyfda.runner import run_config
 
     runs = plan.runs
@@ -537,6 +537,10 @@ def _execute_plan(plan: ComparisonPlan, log: Any) -> list[RunOutcome]:
         if done is not None:
             log(f"{tag}: skipped (finished in {run.out_dir})")
             outcomes.append(RunOutcome(run, "skipped", done))
+            continue
+        if report_only:
+            log(f"{tag}: not finished; left out of the table (--report-only)")
+            outcomes.append(RunOutcome(run, "missing"))
             continue
         resume = _has_started(run)
         log(f"{tag}: {'resuming' if resume else 'starting'} -> {run.out_dir}")
@@ -883,6 +887,7 @@ def run_comparison(
     *,
     log: Any = None,
     only: Sequence[str] | None = None,
+    report_only: bool = False,
 ) -> ComparisonResult:
     """Validate, run (skipping finished runs, resuming partial ones) and tabulate.
 
@@ -894,7 +899,7 @@ def run_comparison(
 
     plan = plan_comparison(path_or_mapping, out_dir, overrides, only)
     log(f"compare {plan.name}: {len(plan.variants)} variants x {len(plan.seeds)} seeds = {len(plan.runs)} runs -> {plan.out_dir}")
-    outcomes = _execute_plan(plan, log)
+    outcomes = _execute_plan(plan, log, report_only)
     rows = summarize_variants(plan, outcomes)
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)

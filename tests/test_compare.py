@@ -424,3 +424,17 @@ def test_only_keeps_the_named_variants_and_rejects_unknown(tmp_path, capsys):
     assert [v.name for v in plan.variants] == ["naive", "l2sp[weight=1.0]"]
     with pytest.raises(ConfigError, match="unknown variant"):
         plan_comparison(data, tmp_path / "out", only=["ewc"])
+
+
+def test_report_only_trains_nothing(tmp_path):
+    from cl_proxyfda.compare import run_comparison
+
+    data = {
+        "name": "reportonly",
+        "base": {"model": {"name": "cl-test-tiny"}, "stream": {"name": "image_folder", "root": str(tmp_path)}},
+        "variants": [{"name": "naive"}],
+    }
+    result = run_comparison(data, tmp_path / "out", report_only=True, log=lambda line: None)
+    assert [o.status for o in result.outcomes] == ["missing"]
+    assert not (tmp_path / "out" / "variants").exists()
+    assert "| naive | 0 |" in result.markdown
