@@ -393,4 +393,4 @@ def test_vision_only_refuses_a_trainable_text_tower(tmp_path, tiny_stream_root, 
 def test_demo_config_parses():
     cfg = parse_config(read_yaml(REPO / "configs" / "demo_infusing.yaml"))
     assert [s.name for s in cfg.strategies] == ["infusing"] and cfg.stream.name == "demo"
-    assert cfg.train.lr == 1e-5 and cfg.train.weight_decay == 1e-6 and cfg.train.schedule == "constant"
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 1e-6 and cfg.train.schedule == "constant"
