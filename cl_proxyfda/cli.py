@@ -163,6 +163,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base_to_new(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from cl_proxyfda.base_to_new import run_base_to_new
+    from cl_proxyfda.registry import STREAMS, load_builtin_components
+    from cl_proxyfda.results import atomic_write_text
+
+    load_builtin_components()
+    stream = STREAMS.build(args.stream, {}, run_seed=0)
+    runs = []
+    for seed in args.seeds:
+        runs.append(
+            run_base_to_new(
+                stream, model_name=args.model, pretrained=args.pretrained, shots=args.shots, seed=seed, epochs=args.epochs,
+                lr=args.lr, prompt={"n_ctx": args.n_ctx, "init": "random"}, fda={"weight": args.fda_weight, "seed": seed},
+            )
+        )
+    lines = [f"base-to-new on {args.stream}: {args.model} ({args.pretrained}), {args.shots} shots, {args.epochs} epochs, lr {args.lr}, n_ctx {args.n_ctx}, seeds {args.seeds}", "", "| variant | base | new | H | new - hand-written |", "|---|---|---|---|---|"]
+    for variant in ("zero_shot", "coop", "coop_prompt_fda"):
+        cells = []
+        for key in ("base", "new", "h", "delta_new"):
+            vals = [r["mean"][variant][key] for r in runs if r["mean"][variant].get(key) is not None]
+            cells.append("-" if not vals else f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.1f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "base_to_new.md", table + "\n")
+        atomic_write_text(out / "base_to_new.json", json.dumps(runs, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cl-proxyfda", description="Continual fine-tuning of CLIP-like models without forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the runs already finished")
     p.add_argument("--only", type=lambda text: [v for v in text.split(",") if v], default=None, metavar="NAME,NAME", help="run only these variants (the table covers them only)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("base-to-new", help="CoOp and CoOp + Proxy-FDA: train on base classes, score base/new/H")
+    p.add_argument("--stream", default="demo", help="a registered stream that needs no arguments (default: demo)")
+    p.add_argument("--model", default="demo-clip-tiny")
+    p.add_argument("--pretrained", default="demo")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--n-ctx", type=int, default=4)
+    p.add_argument("--fda-weight", type=float, default=1.0)
+    p.add_argument("--seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 1, 2])
+    p.add_argument("--out", help="folder for base_to_new.md and .json")
+    p.set_defaults(func=cmd_base_to_new)
 
     p = sub.add_parser("list", help="registered strategies, streams, generators and models")
     p.add_argument("--all-models", action="store_true")

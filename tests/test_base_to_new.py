@@ -97,3 +97,15 @@ def test_base_to_new_needs_a_shared_context():
         run_base_to_new([], {"prompt": {"class_specific": True}})
     with pytest.raises(UserError, match="no tasks"):
         run_base_to_new([], {"model_name": "cl-test-tiny"})
+
+
+def test_base_to_new_command_on_the_demo_stream(tmp_path, capsys):
+    from cl_proxyfda.cli import main
+
+    assert main(["base-to-new", "--epochs", "1", "--shots", "2", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| coop_prompt_fda |" in table and "| zero_shot |" in table
+    import json
+
+    runs = json.loads((tmp_path / "base_to_new.json").read_text())
+    assert len(runs) == 1 and 0 <= runs[0]["mean"]["coop"]["h"] <= 100
