@@ -134,7 +134,14 @@ class RunConfig(_Strict):
     checkpoint: CheckpointSection = CheckpointSection()
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The resolved config: every section, stream and strategy with defaults filled in."""
+        load_builtin_components()
+        data = self.model_dump(mode="json")
+        data["stream"] = {"name": self.stream.name, **STREAMS.get(self.stream.name).params(**self.stream.args).model_dump(mode="json")}
+        data["strategies"] = [
+            {"name": s.name, **STRATEGIES.get(s.name).params(**s.args).model_dump(mode="json")} for s in self.strategies
+        ]
+        return data
 
 
 # ----------------------------------------------------------------- error text

@@ -185,3 +185,11 @@ def test_wandb_online_without_key_falls_back_to_offline_and_the_run_goes_on(tmp_
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "wandb" in r.getMessage().lower()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert len(list((tmp_path / "runs" / "tiny").rglob("*.wandb"))) == 1  # logged offline instead
+
+
+def test_saved_config_is_resolved_with_component_defaults(tmp_path, tiny_stream_root):
+    implicit = parse_config(tiny_config(tiny_stream_root, tmp_path / "a", strategies=[{"name": "l2sp"}]))
+    explicit = parse_config(tiny_config(tiny_stream_root, tmp_path / "a", strategies=[{"name": "l2sp", "weight": 0.5, "anchor": "pretrained"}]))
+    assert implicit.to_dict()["strategies"] == explicit.to_dict()["strategies"] == [{"name": "l2sp", "weight": 0.5, "anchor": "pretrained"}]
+    assert implicit.to_dict()["stream"]["verify_images"] is True
+    assert parse_config(implicit.to_dict()).to_dict() == implicit.to_dict()  # round-trips through the schema
