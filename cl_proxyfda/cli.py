@@ -16,10 +16,10 @@ from cl_proxyfda.errors import TrainingDiverged, UserError
 
 
 def _quiet_environment() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*qpsolvers.*")
+    warnings.filterwarnings("ignore", message="No loggers specified")  # Avalanche: the runner logs itself
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import logging
@@ -37,13 +37,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Every check ``run`` makes before training; every problem on its own line."""
+    from cl_proxyfda.validate import validate_file
+
+    found = validate_file(args.config, args.set)
+    for problem in found.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if found.problems:
+        return 2
+    for note in found.notes:
+        print(note)
+    print(f"ok: {args.config}: {found.summary}")
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Download what a run file needs into the standard caches, then say it can go offline."""
     from cl_proxyfda.config import load_config
-    from cl_proxyfda.registry import STREAMS
+    from cl_proxyfda.hub import hub_offline
+    from cl_proxyfda.prefetch import prefetch
 
     cfg = load_config(args.config, args.set)
-    stream = STREAMS.build(cfg.stream.name, cfg.stream.args, run_seed=cfg.run.seed)
-    names = ", ".join(f"{t.name} ({t.num_classes})" for t in stream.tasks)
-    print(f"ok: {args.config}: model {cfg.model.name}, {len(stream.tasks)} tasks [{names}], strategies {[s.name for s in cfg.strategies]}")
+    outcomes = prefetch(cfg, progress=cfg.logging.progress)
+    for o in outcomes:
+        print(f"{'ok  ' if o.ok else 'FAIL'} {o.need.label}: {o.message}", file=sys.stdout if o.ok else sys.stderr)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        print(f"error: {len(failed)} of {len(outcomes)} items could not be fetched (listed above)", file=sys.stderr)
+        return 2
+    prefix = "" if hub_offline() else "HF_HUB_OFFLINE=1 "
+    print(f"ok: everything {args.config} needs is on this machine; it can run offline: {prefix}cl-proxyfda run {args.config}")
     return 0
 
 
@@ -214,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("prefetch", help="download the weights, pipelines and datasets a run file needs (then run offline)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(func=cmd_prefetch)
 
     p = sub.add_parser("report", help="re-render the table and plots of a run folder")
     p.add_argument("run_dir")

@@ -155,8 +155,8 @@ def _loc_to_path(loc: tuple[Any, ...], prefix: str = "") -> str:
     return path
 
 
-def first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
-    err = exc.errors()[0]
+def format_error(err: Any, prefix: str = "") -> ConfigError:
+    """One pydantic error as a ``key.path: problem`` line."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("literal_error",))))
     path = _loc_to_path(loc, prefix)
     kind = err["type"]
@@ -171,6 +171,10 @@ def first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
     if kind not in ("model_type", "dict_type") and not isinstance(given, (dict, list)):
         msg = f"{msg} (got {given!r})"
     return ConfigError(path, msg.replace("\n", " "))
+
+
+def first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
+    return format_error(exc.errors()[0], prefix)
 
 
 # ------------------------------------------------------------------- loading
@@ -260,18 +264,42 @@ def _validate_component(kind_registry: Any, comp: NamedComponent, path: str, cfg
 
 def parse_config(data: dict[str, Any]) -> RunConfig:
     """Validate a raw mapping into a RunConfig, components included."""
+    problems = config_problems(data)
+    if problems:
+        raise problems[0]
+    return RunConfig(**data)
+
+
+def config_problems(data: dict[str, Any]) -> list[ConfigError]:
+    """Every problem of a raw run mapping, one ``ConfigError`` each (empty: valid).
+
+    Section errors come first; components and cross-checks are checked only when the
+    sections parse (they need them).
+    """
     load_builtin_components()
     try:
         cfg = RunConfig(**data)
     except ValidationError as exc:
-        raise first_error(exc) from None
+        return [format_error(err) for err in exc.errors()]
     except TypeError as exc:  # keys that are not strings
-        raise ConfigError("", f"invalid section keys: {exc}") from None
-    _validate_component(STREAMS, cfg.stream, "stream", cfg)
+        return [ConfigError("", f"invalid section keys: {exc}")]
+    problems = []
+    for kind, comp, path in [(STREAMS, cfg.stream, "stream")] + [(STRATEGIES, c, f"strategies[{i}]") for i, c in enumerate(cfg.strategies)]:
+        try:
+            _validate_component(kind, comp, path, cfg)
+        except ConfigError as exc:
+            problems.append(exc)
+    try:
+        _check_sections(cfg)
+    except ConfigError as exc:
+        problems.append(exc)
+    return problems
+
+
+def _check_sections(cfg: RunConfig) -> None:
+    """Constraints between sections."""
     if not cfg.strategies:
         raise ConfigError("strategies", "list at least one strategy (use naive for plain fine-tuning)")
-    for i, comp in enumerate(cfg.strategies):
-        _validate_component(STRATEGIES, comp, f"strategies[{i}]", cfg)
     adapter = cfg.model.adapter
     if adapter is not None and "text" in adapter.towers and "text" not in cfg.model.train_towers:
         raise ConfigError("model.adapter.towers", "text-tower adapters need 'text' in model.train_towers")
@@ -286,7 +314,6 @@ def parse_config(data: dict[str, Any]) -> RunConfig:
                 "train.batch_size",
                 f"class_balanced sampler needs batch_size = classes_per_batch x images_per_class = {per_batch} (got {cfg.train.batch_size})",
             )
-    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

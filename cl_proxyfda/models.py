@@ -62,16 +62,33 @@ def resolve_pretrained(pretrained: str | None) -> str | None:
 
 
 def create_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable, Callable]:
-    """Create an open_clip model with its train/eval transforms and tokenizer."""
+    """Create an open_clip model with its train/eval transforms and tokenizer.
+
+    ``name`` is an open_clip architecture (the package's tiny configs included) or a
+    ``hf-hub:org/repo`` model. Hub weights are fetched first (or found in the cache) so
+    that a failed download is one line naming the repository and file; a tag trained
+    with QuickGELU (OpenAI's) builds the model with QuickGELU, as the weights need.
+    """
     register_model_configs()
-    if name not in open_clip.list_models():
+    from cl_proxyfda.hub import HF_HUB_PREFIX, fetch, open_clip_files, quiet_library_logs
+
+    if not name.startswith(HF_HUB_PREFIX) and name not in open_clip.list_models():
         raise UserError(f"model.name: unknown open_clip model {name!r} (see `cl-proxyfda list`)")
     weights = resolve_pretrained(pretrained)
-    looks_like_path = weights is not None and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")))
-    if looks_like_path and not Path(weights).is_file():
-        raise UserError(f"model.pretrained: checkpoint file {weights} does not exist")
+    tag_cfg = open_clip.get_pretrained_cfg(name, weights) if weights else {}
+    if name.startswith(HF_HUB_PREFIX) and weights is not None:
+        raise UserError(f"model.pretrained: a hf-hub: model brings its own weights; set pretrained to none (got {pretrained!r})")
+    if weights is not None and not tag_cfg and not Path(weights).is_file():
+        if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise UserError(f"model.pretrained: checkpoint file {weights} does not exist")
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise UserError(f"model.pretrained: {weights!r} is neither a weights tag of {name} (tags: {tags}) nor a file")
+    fetch(open_clip_files(name, weights))
     try:
-        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+        with quiet_library_logs():
+            model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+                name, pretrained=weights, device=device, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False))
+            )
     except RuntimeError as exc:  # shape mismatches from a checkpoint of another model
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"model.pretrained: {weights} does not fit model {name}: {first}") from None

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.generators.cache import BLACK_THRESHOLD, GeneratedBatch, is_near_black
+from cl_proxyfda.hub import fetch, hub_offline, pipeline_files
 from cl_proxyfda.registry import GENERATORS
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULER_NAMES = ("dpm", "ddim", "euler")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_TRUE = {"1", "on", "yes", "true"}
 
 
 def scheduler_classes() -> dict[str, Any]:
@@ -39,11 +39,6 @@ def scheduler_classes() -> dict[str, Any]:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     return {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
-
-
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` asks for no downloads."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
 def resolve_device(device: str) -> torch.device:
@@ -134,6 +129,7 @@ class DiffusersGenerator:
         source = str(local) if local.is_dir() else self.model
         if not local.is_dir() and (self.model.startswith((".", "~")) or os.path.isabs(self.model)):
             raise UserError(f"generator.model: folder {self.model} does not exist")
+        fetch(pipeline_files(self.model))  # a failed download is one line naming the repository
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(source, local_files_only=self.local_files_only)
         except (OSError, ValueError) as exc:
