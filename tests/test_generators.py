@@ -174,5 +174,5 @@ def test_missing_models_fail_with_a_user_error_and_no_download(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub = DiffusersGenerator("some-org/not-a-cached-model", progress=False)
     assert hub.local_files_only
-    with pytest.raises(UserError, match="cannot load pipeline"):
+    with pytest.raises(UserError, match=r"generator.model: cannot get the text-to-image pipeline some-org/not-a-cached-model: it is not in the local cache and offline mode is on"):
         hub.load()
