@@ -130,7 +130,7 @@ class Phase:
 
     name: str
     title: str
-    status: str = "not run"  # not run | ok | failed
+    status: str = "not run"  # not run | running (in a report written while it runs, or cut short) | ok | failed
     seconds: float = 0.0
     setting: str = ""
     columns: list[str] = field(default_factory=list)
@@ -165,7 +165,7 @@ def report_markdown(report: dict[str, Any], phases: list[Phase]) -> str:
     ]
     lines += [f"note: {n}" for n in report["notes"]] + ([""] if report["notes"] else [])
     for i, p in enumerate(phases, 1):
-        lines += [f"## {i}. {p.name}: {p.title}", "", f"status: **{p.status}**" + (f" ({p.seconds:.1f} s)" if p.status != "not run" else ""), ""]
+        lines += [f"## {i}. {p.name}: {p.title}", "", f"status: **{p.status}**" + (f" ({p.seconds:.1f} s)" if p.status in ("ok", "failed") else ""), ""]
         if p.setting:
             lines += [p.setting, ""]
         if p.error:
@@ -406,6 +406,8 @@ def run_gpu_check(out: str | Path = "gpu_check", tiny: bool = False, device: str
             lambda p: unet_phase(p, sizes, dev, say),
         ]
         for phase, job in zip(phases, jobs):
+            phase.status = "running"
+            write()  # a run cut short (time limit, lost machine) still leaves the phases before
             t0 = time.perf_counter()
             try:
                 job(phase)
