@@ -186,6 +186,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """CLIP step times, a 2-task MTIL rehearsal and UNet images/s on one device (cl_proxyfda/gpu_check.py)."""
+    from cl_proxyfda.gpu_check import run_gpu_check
+
+    argv = ["cl-proxyfda gpu-check", f"--out {args.out}"] + (["--tiny"] if args.tiny else []) + ([f"--device {args.device}"] if args.device else [])
+    report = run_gpu_check(out=args.out, tiny=args.tiny, device=args.device, command=" ".join(argv))
+    print(report["markdown"])
+    print(f"wrote {Path(args.out) / 'gpu_check.md'} and {Path(args.out) / 'gpu_check.json'}")
+    if not report["complete"]:
+        print(f"error: gpu-check: phases failed: {', '.join(report['failed'])} (see {Path(args.out) / 'gpu_check.md'})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_base_to_new(args: argparse.Namespace) -> int:
     import json
 
@@ -294,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="weights tag or file for --model (default: random weights for a named model)")
     p.add_argument("--repeats", type=int, help="interleaved repeats of each measurement (default 4, --quick 1)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gpu-check", help="one command for a GPU: CLIP step times, a 2-task MTIL run, UNet images/s")
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.md and gpu_check.json (default: gpu_check)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (cl-test-tiny, batch 8, tiny UNet): the CPU mode")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu with --tiny implied")
+    p.set_defaults(func=cmd_gpu_check)
 
     return parser
 
