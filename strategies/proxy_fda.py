@@ -59,14 +59,24 @@ _LAYER = re.compile(r"^(embed|ln_pre|block[1-9][0-9]*)$")
 
 
 class FDAParams(BaseModel):
-    """Options of FDA (Proxy-FDA without proxies)."""
+    """Options of FDA (Proxy-FDA without proxies).
+
+    Defaults of tau and b **[choice]**, from ``tools/fda_defaults.py`` on CLIP-like
+    features (64 x 512, a shared direction, pairwise cosines 0.67-0.74; BENCHMARKS.md):
+    at b = 0 (and tau 0.1) the loss barely prefers the reference to a shuffled copy of
+    itself (1.5%) and minimising it alone drives the features away (cos(z, zh) 0.39,
+    mean pairwise cosine 0.70 -> 0.0): non-neighbour pushes dominate. At b = -10 the
+    reference scores 20% below the shuffled copy and minimising keeps cos(z, zh) at
+    0.82. Fitting tau and b to minimise the loss at the reference from b = 0 ends at
+    tau 0.62, b -3.6 with a feature gradient 50x smaller, so they are fixed by default.
+    """
 
     model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0, description="lambda, the weight of the FDA loss (tune per setting)")
     k: int = Field(8, ge=1, description="K neighbours in the reference-space graph; must be < batch size and > images per class")
-    tau_init: float = Field(0.1, gt=0, description="initial temperature tau (log-parametrised)")
-    bias_init: float = Field(0.0, description="initial bias b")
-    learn_tau_bias: bool = Field(True, description="learn tau and b (false: keep them fixed)")
+    tau_init: float = Field(0.1, gt=0, description="temperature tau (log-parametrised) [choice: 0.1, see the class docstring]")
+    bias_init: float = Field(-10.0, description="bias b of S / tau + b [choice: -10, SigLIP's initialisation, see the class docstring]")
+    learn_tau_bias: bool = Field(False, description="learn tau and b by minimising the loss [choice: false, it can flatten the regulariser]")
     tau_bias_lr: float = Field(
         1e-2, gt=0, description="AdamW learning rate of log tau and b (1e-2 lets b settle within ~1000 steps; see losses/fda.py)"
     )

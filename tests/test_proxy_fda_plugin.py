@@ -74,8 +74,8 @@ def plugin(**kw) -> ProxyFDAPlugin:
 # --------------------------------------------------------------------------- tests
 def test_params_defaults_and_validation():
     p = ProxyFDAParams()
-    assert (p.weight, p.k, p.tau_init, p.bias_init, p.n_proxies, p.generator_lr, p.generator_alpha) == (1.0, 8, 0.1, 0.0, 4, 1e-3, 1.0)
-    assert (p.feature, p.reference, p.neg_weight, p.graph, p.proxies, p.learn_tau_bias) == ("embed", "pretrained", "clamp0", "batch", True, True)
+    assert (p.weight, p.k, p.tau_init, p.bias_init, p.n_proxies, p.generator_lr, p.generator_alpha) == (1.0, 8, 0.1, -10.0, 4, 1e-3, 1.0)
+    assert (p.feature, p.reference, p.neg_weight, p.graph, p.proxies, p.learn_tau_bias) == ("embed", "pretrained", "clamp0", "batch", True, False)
     with pytest.raises(ValidationError):
         ProxyFDAParams(tau=0.1)  # unknown key
     with pytest.raises(ValidationError):
@@ -107,7 +107,7 @@ def test_adds_a_positive_fda_term_on_top_of_the_task_loss():
 
 def test_tau_bias_and_generator_learn_and_model_trains():
     model, bench = setup()
-    fda = plugin()
+    fda = plugin(learn_tau_bias=True, bias_init=0.0)  # the option; fixed by default
     train(model, bench, [fda])
     assert fda.generator is not None
     start_gen = {k: v.clone() for k, v in fda.generator.state_dict().items()}
@@ -138,11 +138,11 @@ def test_one_teacher_forward_per_batch_with_two_plugins():
 
 def test_state_dict_round_trips_through_weights_only_load(tmp_path):
     model, bench = setup()
-    fda = plugin()
+    fda = plugin(learn_tau_bias=True)
     train(model, bench, [fda])
     torch.save(fda.state_dict(), tmp_path / "plugin.pt")
     state = torch.load(tmp_path / "plugin.pt", weights_only=True)
-    fresh = plugin()
+    fresh = plugin(learn_tau_bias=True)
     fresh.load_state_dict(state)
     assert fresh.tau == pytest.approx(fda.tau) and fresh.bias == pytest.approx(fda.bias)
     for key, value in fda.generator.state_dict().items():
