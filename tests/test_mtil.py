@@ -72,10 +72,11 @@ def test_orders_match_protocol() -> None:
     assert mtil_task_names("I", ["mnist", "EuroSAT"]) == ["EuroSAT", "MNIST"]
 
 
-def test_class_counts() -> None:
+@pytest.mark.parametrize("protocol", ["zscl", "clip_benchmark"])
+def test_class_counts(protocol: str) -> None:
     assert {n: d.num_classes for n, d in MTIL_DATASETS.items()} == PROTOCOL_COUNTS
     for name in MTIL_ORDER_I:
-        names = mtil_classnames(name)
+        names = mtil_classnames(name, protocol)
         if name in OFFLINE_NAMES:
             assert names is not None and len(names) == PROTOCOL_COUNTS[name], name
             assert len(set(names)) == len(names), name
@@ -83,22 +84,23 @@ def test_class_counts() -> None:
             assert names is None, name
 
 
-def test_offline_class_names_line_up_with_torchvision() -> None:
-    caltech = mtil_classnames("Caltech101")
+def test_clip_benchmark_class_names_line_up_with_torchvision() -> None:
+    caltech = mtil_classnames("Caltech101", "clip_benchmark")
     assert benchmark_classnames("caltech101")[0] == "background" and "background" not in caltech
     assert caltech[:4] == ["off-center face", "centered face", "leopard", "motorbike"]  # Faces, Faces_easy, ...
     assert caltech[-1] == "yin and yang symbol"
-    eurosat = mtil_classnames("EuroSAT")
+    eurosat = mtil_classnames("EuroSAT", "clip_benchmark")
     assert eurosat[0] == "annual crop land" and eurosat[-1] == "lake or sea" and len(EUROSAT_FOLDERS) == 10
-    flowers = mtil_classnames("Flowers")
+    flowers = mtil_classnames("Flowers", "clip_benchmark")
     differ = [i for i, (a, b) in enumerate(zip(flowers, tvd.Flowers102.classes)) if a != b]
     assert differ == [15, 59, 92]  # CLIP's curated names; same classes, same order
-    assert mtil_classnames("MNIST") == [str(d) for d in range(10)]
-    pets = mtil_classnames("OxfordPet")
+    assert mtil_classnames("MNIST", "clip_benchmark") == [str(d) for d in range(10)]
+    pets = mtil_classnames("OxfordPet", "clip_benchmark")
     assert pets[0] == "Abyssinian" and pets[-1] == "Yorkshire Terrier"
 
 
-def test_templates() -> None:
+@pytest.mark.parametrize("protocol", ["zscl", "clip_benchmark"])
+def test_templates(protocol: str) -> None:
     first = {
         "Aircraft": "a photo of a {}, a type of aircraft.",
         "EuroSAT": "a centered satellite photo of {}.",
@@ -106,10 +108,10 @@ def test_templates() -> None:
         "Flowers": "a photo of a {}, a type of flower.",
         "OxfordPet": "a photo of a {}, a type of pet.",
         "DTD": "a photo of a {} texture.",
-        "Food": "a photo of {}, a type of food.",
+        "Food": {"zscl": "a photo of a {}, a type of food.", "clip_benchmark": "a photo of {}, a type of food."}[protocol],
     }
     for name in MTIL_ORDER_I:
-        templates = mtil_templates(name)
+        templates = mtil_templates(name, protocol)
         assert templates, name
         for t in templates:
             assert "{}" in t and "{c}" not in t, (name, t)
@@ -117,7 +119,7 @@ def test_templates() -> None:
         assert len(set(templates)) == len(templates), name
         if name in first:
             assert templates[0] == first[name], name
-    assert len(mtil_templates("Caltech101")) == 34 and len(mtil_templates("CIFAR100")) == 18
+    assert len(mtil_templates("Caltech101", protocol)) == 34 and len(mtil_templates("CIFAR100", protocol)) == 18
 
 
 def test_random_split_is_torch_random_split() -> None:
@@ -156,7 +158,7 @@ def test_image_folder_copy_of_two_tasks(tmp_path: Path) -> None:
         assert [t.name for t in data.tasks] == expected
         assert data.control is None
     eurosat, mnist = build(root=str(root), format="image_folder", tasks=["MNIST", "EuroSAT"]).tasks
-    assert eurosat.classnames == mtil_classnames("EuroSAT") and mnist.classnames == [str(d) for d in range(10)]
+    assert eurosat.classnames == mtil_classnames("EuroSAT") and mnist.classnames == tvd.MNIST.classes  # zscl: "0 - zero", ...
     assert eurosat.templates == mtil_templates("EuroSAT") and mnist.templates == mtil_templates("MNIST")
     assert eurosat.vocabulary.prompts()[1][0] == "a centered satellite photo of forest."
     # labels follow the canonical class order, not the sorted folder names
@@ -248,7 +250,8 @@ def test_torchvision_mnist(tmp_path: Path) -> None:
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     data = build(root=str(tmp_path), tasks=["MNIST"])
     task = data.tasks[0]
-    assert task.name == "MNIST" and task.classnames == [str(d) for d in range(10)]
+    assert task.name == "MNIST" and task.classnames == ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
+                                                        "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
     assert (len(task.train), len(task.test)) == (30, 20) and task.test.targets[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     image, label = task.test[13]
     assert image.mode == "RGB" and image.size == (28, 28) and label == 3 and 60 <= np.asarray(image)[5, 5, 0] <= 62
@@ -313,7 +316,7 @@ def test_torchvision_sun397_names_and_stable_split(tmp_path: Path) -> None:
         write_image(base / c.strip("/") / f"sun_{k:04d}.jpg", k)
     (base / "ClassName.txt").write_text("\n".join(raw) + "\n")
     task = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
-    assert len(task.classnames) == 397 and task.classnames[-1] == "apartment building outdoor"
+    assert len(task.classnames) == 397 and task.classnames[-1] == "apartment building/outdoor"  # zscl keeps the "/"
     assert task.classnames[5] == "class 005"
     assert (len(task.train), len(task.test)) == (317, 80)
     again = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
