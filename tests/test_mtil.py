@@ -240,14 +240,57 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def test_torchvision_mnist(tmp_path: Path) -> None:
-    raw = tmp_path / "MNIST" / "raw"
+def write_torchvision_mnist(root: Path, n_train: int = 30, n_test: int = 20) -> None:
+    """MNIST's raw idx files (image k of a split shows digit k % 10 as grey level 20 * digit)."""
+    raw = root / "MNIST" / "raw"
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 30), ("t10k", 20)):
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % 10
         images = np.repeat(labels[:, None, None] * 20, 28 * 28, axis=1).reshape(n, 28, 28)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images + rng.integers(0, 3, images.shape))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def write_torchvision_eurosat(root: Path, per_class: int = 5) -> None:
+    for k, folder in enumerate(EUROSAT_FOLDERS):
+        for i in range(per_class):
+            write_image(root / "eurosat" / "2750" / folder / f"{folder}_{i}.jpg", 20 * k)
+
+
+def write_torchvision_dtd(root: Path, classes: list[str]) -> dict[str, list[str]]:
+    """DTD with one image per class in each of partition 1's splits; returns the split files' lines."""
+    base = root / "dtd" / "dtd"
+    lines: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
+    for k, c in enumerate(classes):
+        for split in lines:
+            write_image(base / "images" / c / f"{c}_{split}.jpg", k)
+            lines[split].append(f"{c}/{c}_{split}.jpg")
+    (base / "labels").mkdir()
+    for split, rows in lines.items():
+        (base / "labels" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return lines
+
+
+def write_torchvision_caltech101(root: Path, per_class: int = 2) -> None:
+    base = root / "caltech101" / "101_ObjectCategories"
+    folders = ["BACKGROUND_Google"] + [f"c{k:03d}" for k in range(101)]
+    for k, folder in enumerate(folders):
+        for i in range(per_class):
+            write_image(base / folder / f"image_{i + 1:04d}.jpg", 2 * k, mode="L")
+
+
+def write_torchvision_sun397(root: Path) -> list[str]:
+    """SUN397 with one image per class; the last class is a two-level one. Returns ClassName.txt's lines."""
+    base = root / "SUN397"
+    raw = [f"/{chr(97 + k % 26)}/class_{k:03d}" for k in range(396)] + ["/a/apartment_building/outdoor"]
+    for k, c in enumerate(raw):
+        write_image(base / c.strip("/") / f"sun_{k:04d}.jpg", k)
+    (base / "ClassName.txt").write_text("\n".join(raw) + "\n")
+    return raw
+
+
+def test_torchvision_mnist(tmp_path: Path) -> None:
+    write_torchvision_mnist(tmp_path)
     data = build(root=str(tmp_path), tasks=["MNIST"])
     task = data.tasks[0]
     assert task.name == "MNIST" and task.classnames == ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
@@ -260,9 +303,7 @@ def test_torchvision_mnist(tmp_path: Path) -> None:
 
 
 def test_torchvision_eurosat_random_split(tmp_path: Path) -> None:
-    for k, folder in enumerate(EUROSAT_FOLDERS):
-        for i in range(5):
-            write_image(tmp_path / "eurosat" / "2750" / folder / f"{folder}_{i}.jpg", 20 * k)
+    write_torchvision_eurosat(tmp_path)
     task = build(root=str(tmp_path), tasks=["EuroSAT"]).tasks[0]
     assert task.classnames == mtil_classnames("EuroSAT")
     assert (len(task.train), len(task.test)) == (40, 10)
@@ -276,14 +317,7 @@ def test_torchvision_eurosat_random_split(tmp_path: Path) -> None:
 def test_torchvision_dtd_names_from_dataset(tmp_path: Path) -> None:
     base = tmp_path / "dtd" / "dtd"
     classes = [f"texture_{i:02d}" for i in range(47)]
-    lines: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
-    for k, c in enumerate(classes):
-        for split in lines:
-            write_image(base / "images" / c / f"{c}_{split}.jpg", k)
-            lines[split].append(f"{c}/{c}_{split}.jpg")
-    (base / "labels").mkdir()
-    for split, rows in lines.items():
-        (base / "labels" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    lines = write_torchvision_dtd(tmp_path, classes)
     task = build(root=str(tmp_path), tasks=["DTD"]).tasks[0]
     assert task.classnames == [c.replace("_", " ") for c in classes]
     assert task.templates[0] == "a photo of a {} texture."
@@ -296,11 +330,7 @@ def test_torchvision_dtd_names_from_dataset(tmp_path: Path) -> None:
 
 
 def test_torchvision_caltech101_drops_background(tmp_path: Path) -> None:
-    base = tmp_path / "caltech101" / "101_ObjectCategories"
-    folders = ["BACKGROUND_Google"] + [f"c{k:03d}" for k in range(101)]
-    for k, folder in enumerate(folders):
-        for i in range(2):
-            write_image(base / folder / f"image_{i + 1:04d}.jpg", 2 * k, mode="L")
+    write_torchvision_caltech101(tmp_path)
     task = build(root=str(tmp_path), tasks=["Caltech101"]).tasks[0]
     assert task.classnames == benchmark_classnames("caltech101")[1:] and len(task.classnames) == 101
     assert (len(task.train), len(task.test)) == (161, 41)
@@ -310,11 +340,7 @@ def test_torchvision_caltech101_drops_background(tmp_path: Path) -> None:
 
 
 def test_torchvision_sun397_names_and_stable_split(tmp_path: Path) -> None:
-    base = tmp_path / "SUN397"
-    raw = [f"/{chr(97 + k % 26)}/class_{k:03d}" for k in range(396)] + ["/a/apartment_building/outdoor"]
-    for k, c in enumerate(raw):
-        write_image(base / c.strip("/") / f"sun_{k:04d}.jpg", k)
-    (base / "ClassName.txt").write_text("\n".join(raw) + "\n")
+    write_torchvision_sun397(tmp_path)
     task = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
     assert len(task.classnames) == 397 and task.classnames[-1] == "apartment building/outdoor"  # zscl keeps the "/"
     assert task.classnames[5] == "class 005"
