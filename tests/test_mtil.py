@@ -1,9 +1,10 @@
 """MTIL: metadata, orders, templates, splits, and streams built from local files.
 
 Nothing is downloaded: torchvision-format tests write tiny copies of the datasets'
-on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397) for torchvision's own
-dataset classes to read; Aircraft, CIFAR100, Flowers, Food, OxfordPet and StanfordCars
-need their real files (md5-checked archives or .mat metadata) and are not loaded here.
+on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397; the ``write_torchvision_*``
+helpers, also used by test_mtil_protocols.py, which adds Aircraft, Food, OxfordPet and
+StanfordCars) for torchvision's own dataset classes to read; CIFAR100 and Flowers need
+their real, md5-checked files and are not loaded here.
 """
 from __future__ import annotations
 
