@@ -1,26 +1,26 @@
 """MTIL: the 11-dataset multi-domain task-incremental stream (orders I and II).
 
-Where the metadata comes from (nothing is downloaded at import or in tests):
+Vocabularies (class names and templates; ``stream.protocol``), nothing downloaded:
 
-- Templates: clip-benchmark's ``datasets/en_zeroshot_classification_templates.json``
-  (package data), ``{c}`` rewritten as ``{}``. The first template is the training
-  prompt. Where protocol.md names it (Aircraft, EuroSAT, MNIST) it is forced first;
-  clip-benchmark 1.6.2 already lists those first. Differences from the ZSCL code, kept
-  on purpose: Food's template is ``"a photo of {}, a type of food."`` (ZSCL: "a photo of
-  a {}, ..."), StanfordCars' first is ``"a photo of a {}."`` (ZSCL puts "a photo of a
-  {}, a type of car." first); override with ``templates`` if needed.
-- Class names known offline: clip-benchmark's ``en_classnames.json`` for Caltech101
-  (its 102 names minus the leading "background", i.e. torchvision's Caltech101 which
-  drops BACKGROUND_Google), EuroSAT, Flowers (CLIP's curated names: 99 of 102 equal
-  torchvision's ``Flowers102.classes``; it says "globe flower", "pink and yellow
-  dahlia", "air plant" for "globe-flower", "pink-yellow dahlia?", "ball moss"), MNIST
-  and OxfordPet. The ImageNet control set uses clip-benchmark's ``imagenet1k`` names
-  and 80 templates (identical to open_clip's ``zero_shot_metadata``).
-- Class names read at build time from the torchvision dataset object (they ship with
-  the downloaded data): Aircraft (``FGVCAircraft.classes``, variants), CIFAR100
-  (``classes``, ``_`` -> space), DTD (``classes``), Food (``classes``, ``_`` ->
-  space), StanfordCars (``classes`` from the devkit), SUN397 (``classes``, ``_`` and
-  ``/`` -> space, as clip-benchmark does). Their class counts are checked then.
+- ``zscl`` **[default]**: exactly as the official ZSCL code, which GIFT's official code
+  reuses, so that zero-shot Transfer compares with the published tables. The lists are in
+  :mod:`cl_proxyfda.benchmarks.mtil_zscl`. Templates in ZSCL's order (the first is the
+  training prompt); hard-coded class names for Caltech101, EuroSAT and Flowers; the others
+  read from the torchvision dataset at build time with ``_`` replaced by a space, as ZSCL
+  does (MNIST: ``"0 - zero"``..., SUN397: ``"apartment building/outdoor"``).
+- ``clip_benchmark``: clip-benchmark's ``en_zeroshot_classification_templates.json``
+  (``{c}`` rewritten as ``{}``; Aircraft's, EuroSAT's and MNIST's protocol.md prompt forced
+  first, as clip-benchmark 1.6.2 already lists them) and ``en_classnames.json`` for
+  Caltech101 (minus the leading "background": torchvision drops BACKGROUND_Google),
+  EuroSAT, Flowers (CLIP's curated names), MNIST (``"0"``...) and OxfordPet; Aircraft and
+  StanfordCars as torchvision names them, CIFAR100, DTD and Food with ``_`` -> space,
+  SUN397 with ``_`` and ``/`` -> space.
+
+The differences, dataset by dataset and with their sources, are in docs/mtil_protocols.md
+(Food's and StanfordCars' templates, MNIST's, Flowers' and SUN397's class names). The
+ImageNet control set has the same 1000 names and 80 templates under both (checked
+against ZSCL's by fingerprint). ``stream.templates`` and ``stream.classnames`` override
+either protocol per task. Class counts are checked when a dataset is built.
 
 Splits with ``format: torchvision``: the official train/test splits (OxfordPet
 trainval/test, Aircraft variant train/test, DTD partition 1 train/test, Flowers102
@@ -46,6 +46,7 @@ import torchvision.datasets as tvd
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
+from cl_proxyfda.benchmarks import mtil_zscl
 from cl_proxyfda.benchmarks.image_folder import (
     ClassNames,
     ImageFileDataset,
@@ -75,6 +76,9 @@ EUROSAT_FOLDERS = [
     "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
     "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
 ]  # fmt: skip
+
+MTILProtocol = Literal["zscl", "clip_benchmark"]
+DEFAULT_PROTOCOL: MTILProtocol = "zscl"
 
 SPLIT_SEED = 42
 TRAIN_FRACTION = 0.8
@@ -130,8 +134,10 @@ def benchmark_classnames(key: str) -> list[str]:
     return list(_clip_benchmark_json("en_classnames.json")[key])
 
 
-def mtil_templates(name: str) -> list[str]:
-    """The templates of an MTIL dataset; the first is the training prompt."""
+def mtil_templates(name: str, protocol: MTILProtocol = DEFAULT_PROTOCOL) -> list[str]:
+    """The templates of an MTIL dataset under ``protocol``; the first is the training prompt."""
+    if protocol == "zscl":
+        return list(mtil_zscl.ZSCL_TEMPLATES[name])
     info = MTIL_DATASETS[name]
     templates = benchmark_templates(info.benchmark_key)
     if info.first_template is not None:
@@ -139,8 +145,12 @@ def mtil_templates(name: str) -> list[str]:
     return templates
 
 
-def mtil_classnames(name: str) -> list[str] | None:
-    """Class names known offline (label order), or None where they come from the dataset."""
+def mtil_classnames(name: str, protocol: MTILProtocol = DEFAULT_PROTOCOL) -> list[str] | None:
+    """Class names known offline (label order) under ``protocol``, or None where they come
+    from the dataset (with ``format: torchvision``) or the class folders (``image_folder``)."""
+    if protocol == "zscl":
+        names = mtil_zscl.ZSCL_CLASSNAMES.get(name)
+        return None if names is None else list(names)
     if name == "Caltech101":
         names = benchmark_classnames("caltech101")
         if names[0] != "background":
@@ -149,6 +159,39 @@ def mtil_classnames(name: str) -> list[str] | None:
     if name in ("EuroSAT", "Flowers", "MNIST", "OxfordPet"):
         return benchmark_classnames(MTIL_DATASETS[name].benchmark_key)
     return None
+
+
+def _spaces(names: Sequence[str]) -> list[str]:
+    return [n.replace("_", " ") for n in names]
+
+
+def dataset_classnames(name: str, classes: Sequence[str], protocol: MTILProtocol) -> list[str]:
+    """Class names from a torchvision dataset's ``classes``, as ``protocol`` derives them.
+
+    zscl: ``_`` -> space (ZSCL's ``process_labels``). clip_benchmark: Aircraft and
+    StanfordCars unchanged, SUN397 ``_`` and ``/`` -> space, the others ``_`` -> space.
+    """
+    if protocol == "zscl":
+        return _spaces(classes)
+    if name in ("Aircraft", "StanfordCars"):
+        return list(classes)
+    if name == "SUN397":
+        return [c.replace("_", " ").replace("/", " ") for c in classes]
+    return _spaces(classes)
+
+
+def imagenet_vocabulary(protocol: MTILProtocol = DEFAULT_PROTOCOL) -> tuple[list[str], list[str]]:
+    """The control set's 1000 class names and 80 templates (clip-benchmark's ``imagenet1k``).
+
+    Under zscl they are checked to be ZSCL's (its lists' fingerprints).
+    """
+    names, templates = benchmark_classnames("imagenet1k"), benchmark_templates("imagenet1k")
+    if protocol == "zscl" and (
+        mtil_zscl.fingerprint(names) != mtil_zscl.IMAGENET_CLASSNAMES_SHA256
+        or mtil_zscl.fingerprint(templates) != mtil_zscl.IMAGENET_TEMPLATES_SHA256
+    ):
+        raise UserError("clip-benchmark's imagenet1k names or templates differ from ZSCL's; reinstall clip-benchmark 1.6")
+    return names, templates
 
 
 def mtil_task_names(order: str = "I", tasks: Sequence[str] | None = None) -> list[str]:
@@ -225,46 +268,42 @@ def _random_split(ds: Any, targets: list[int], classnames: list[str], order: Seq
     )
 
 
-def _spaces(names: Sequence[str]) -> list[str]:
-    return [n.replace("_", " ") for n in names]
-
-
-def load_aircraft(root: Path, download: bool) -> LoadedDataset:
+def load_aircraft(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.FGVCAircraft(root, split="train", annotation_level="variant", download=download)
     test = tvd.FGVCAircraft(root, split="test", annotation_level="variant", download=download)
-    return _official(train, test, "_labels", list(train.classes))
+    return _official(train, test, "_labels", dataset_classnames("Aircraft", train.classes, protocol))
 
 
-def load_caltech101(root: Path, download: bool) -> LoadedDataset:
+def load_caltech101(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     ds = tvd.Caltech101(root, target_type="category", download=download)
     if len(ds.categories) != 101:
         raise UserError(f"Caltech101 in {root}: {len(ds.categories)} categories, expected 101")
-    return _random_split(ds, _targets(ds, "y"), mtil_classnames("Caltech101") or [])
+    return _random_split(ds, _targets(ds, "y"), mtil_classnames("Caltech101", protocol) or [])
 
 
-def load_cifar100(root: Path, download: bool) -> LoadedDataset:
+def load_cifar100(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.CIFAR100(root, train=True, download=download)
     test = tvd.CIFAR100(root, train=False, download=download)
-    return _official(train, test, "targets", _spaces(train.classes))
+    return _official(train, test, "targets", dataset_classnames("CIFAR100", train.classes, protocol))
 
 
-def load_dtd(root: Path, download: bool) -> LoadedDataset:
+def load_dtd(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.DTD(root, split="train", partition=1, download=download)
     test = tvd.DTD(root, split="test", partition=1, download=download)
-    return _official(train, test, "_labels", _spaces(train.classes))
+    return _official(train, test, "_labels", dataset_classnames("DTD", train.classes, protocol))
 
 
-def load_eurosat(root: Path, download: bool) -> LoadedDataset:
+def load_eurosat(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     ds = tvd.EuroSAT(root, download=download)
     if list(ds.classes) != EUROSAT_FOLDERS:
         raise UserError(f"EuroSAT in {root}: class folders {ds.classes} differ from {EUROSAT_FOLDERS}")
-    return _random_split(ds, _targets(ds, "targets"), mtil_classnames("EuroSAT") or [])
+    return _random_split(ds, _targets(ds, "targets"), mtil_classnames("EuroSAT", protocol) or [])
 
 
-def load_flowers(root: Path, download: bool) -> LoadedDataset:
+def load_flowers(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.Flowers102(root, split="train", download=download)
     test = tvd.Flowers102(root, split="test", download=download)
-    data = _official(train, test, "_labels", mtil_classnames("Flowers") or [])
+    data = _official(train, test, "_labels", mtil_classnames("Flowers", protocol) or [])
     labels = data.train.targets + data.test.targets
     if min(labels) == 1 and max(labels) == 102:  # convention of old torchvision releases
         data.train.targets = [t - 1 for t in data.train.targets]
@@ -272,43 +311,48 @@ def load_flowers(root: Path, download: bool) -> LoadedDataset:
     return data
 
 
-def load_food(root: Path, download: bool) -> LoadedDataset:
+def load_food(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.Food101(root, split="train", download=download)
     test = tvd.Food101(root, split="test", download=download)
-    return _official(train, test, "_labels", _spaces(train.classes))
+    return _official(train, test, "_labels", dataset_classnames("Food", train.classes, protocol))
 
 
-def load_mnist(root: Path, download: bool) -> LoadedDataset:
+def load_mnist(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.MNIST(root, train=True, download=download)
     test = tvd.MNIST(root, train=False, download=download)
-    return _official(train, test, "targets", mtil_classnames("MNIST") or [])
+    # zscl: torchvision's names ("0 - zero", ...) read from the dataset, as ZSCL does
+    names = dataset_classnames("MNIST", train.classes, protocol) if protocol == "zscl" else mtil_classnames("MNIST", protocol)
+    return _official(train, test, "targets", names or [])
 
 
-def load_pets(root: Path, download: bool) -> LoadedDataset:
+def load_pets(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.OxfordIIITPet(root, split="trainval", target_types="category", download=download)
     test = tvd.OxfordIIITPet(root, split="test", target_types="category", download=download)
-    return _official(train, test, "_labels", mtil_classnames("OxfordPet") or [])
+    # zscl: torchvision's names read from the dataset (title-cased annotation names), as ZSCL does
+    names = dataset_classnames("OxfordPet", train.classes, protocol) if protocol == "zscl" else mtil_classnames("OxfordPet", protocol)
+    return _official(train, test, "_labels", names or [])
 
 
-def load_cars(root: Path, download: bool) -> LoadedDataset:
+def load_cars(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     train = tvd.StanfordCars(root, split="train", download=download)
     test = tvd.StanfordCars(root, split="test", download=download)
 
     def labels(ds: Any) -> list[int]:
         return [int(label) for _, label in ds._samples]
 
-    return LoadedDataset(LabelledDataset(train, labels(train)), LabelledDataset(test, labels(test)), list(train.classes))
+    names = dataset_classnames("StanfordCars", train.classes, protocol)
+    return LoadedDataset(LabelledDataset(train, labels(train)), LabelledDataset(test, labels(test)), names)
 
 
-def load_sun397(root: Path, download: bool) -> LoadedDataset:
+def load_sun397(root: Path, download: bool, protocol: MTILProtocol) -> LoadedDataset:
     ds = tvd.SUN397(root, download=download)
-    names = [c.replace("_", " ").replace("/", " ") for c in ds.classes]
+    names = dataset_classnames("SUN397", ds.classes, protocol)
     order = sorted(range(len(ds._image_files)), key=lambda i: str(ds._image_files[i]))
     return _random_split(ds, _targets(ds, "_labels"), names, order)
 
 
 # Dataset name -> loader of its torchvision form (an explicit table, no dynamic imports).
-TORCHVISION_LOADERS: dict[str, Callable[[Path, bool], LoadedDataset]] = {
+TORCHVISION_LOADERS: dict[str, Callable[[Path, bool, MTILProtocol], LoadedDataset]] = {
     "Aircraft": load_aircraft,
     "Caltech101": load_caltech101,
     "CIFAR100": load_cifar100,
@@ -333,15 +377,17 @@ def check_loaded(name: str, data: LoadedDataset) -> None:
         raise UserError(f"MTIL task {name}: labels span {min(labels)}..{max(labels)}, expected 0..{expected - 1}")
 
 
-def torchvision_task(name: str, root: Path, download: bool, templates: list[str]) -> Task:
-    """An MTIL task from torchvision's dataset class under ``root``."""
+def torchvision_task(
+    name: str, root: Path, download: bool, templates: list[str], protocol: MTILProtocol = DEFAULT_PROTOCOL
+) -> Task:
+    """An MTIL task from torchvision's dataset class under ``root``, named as ``protocol`` does."""
     try:
-        data = TORCHVISION_LOADERS[name](root, download)
+        data = TORCHVISION_LOADERS[name](root, download, protocol)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted..."
         hint = "" if download else " (set stream.download: true to fetch it, or use format: image_folder)"
         raise UserError(f"MTIL task {name}: torchvision could not load it from {root}: {e}{hint}") from e
     check_loaded(name, data)
-    return Task(name, data.classnames, templates, data.train, data.test, meta={"root": str(root), "format": "torchvision"})
+    return Task(name, data.classnames, templates, data.train, data.test, meta={"root": str(root), "format": "torchvision", "protocol": protocol})
 
 
 def image_folder_task(
@@ -351,6 +397,7 @@ def image_folder_task(
     classnames: ClassNames | None,
     match: Literal["names", "sorted"],
     verify: bool,
+    protocol: MTILProtocol = DEFAULT_PROTOCOL,
 ) -> Task:
     """An MTIL task from ``root/NAME/{train,test}/CLASS`` with its class count checked."""
     task = folder_task(
@@ -358,28 +405,30 @@ def image_folder_task(
         name,
         templates,
         classnames=classnames,
-        class_order=mtil_classnames(name),
+        class_order=mtil_classnames(name, protocol),
         match=match,
         verify=verify,
     )
     expected = MTIL_DATASETS[name].num_classes
     if task.num_classes != expected:
         raise UserError(f"MTIL task {name}: {root / name} has {task.num_classes} classes, expected {expected}")
-    task.meta["format"] = "image_folder"
+    task.meta.update(format="image_folder", protocol=protocol)
     return task
 
 
-def imagenet_control(path: Path, limit: int | None = None, seed: int = 0, verify: bool = True) -> Task:
+def imagenet_control(
+    path: Path, limit: int | None = None, seed: int = 0, verify: bool = True, protocol: MTILProtocol = DEFAULT_PROTOCOL
+) -> Task:
     """The ImageNet control set from a folder of 1000 class folders (wnids, sorted = label order).
 
     ``path`` may also be the ImageNet root holding ``val/``. Class names and the 80
-    OpenAI templates come from clip-benchmark's ``imagenet1k`` entries.
+    OpenAI templates: :func:`imagenet_vocabulary`.
     """
     if not path.is_dir():
         raise UserError(f"stream.control: folder {path} does not exist")
     split_dir = path / "val" if (path / "val").is_dir() else path
     split = scan_split(split_dir, verify)
-    names = benchmark_classnames("imagenet1k")
+    names, templates = imagenet_vocabulary(protocol)
     if len(split.class_folders) != len(names):
         raise UserError(
             f"stream.control: {split_dir} has {len(split.class_folders)} class folders, expected {len(names)} (ImageNet wnids)"
@@ -388,7 +437,7 @@ def imagenet_control(path: Path, limit: int | None = None, seed: int = 0, verify
     idx = limit_indices(len(test), limit, seed)
     if idx is not None:
         test = Subset(test, idx)
-    return Task(CONTROL_NAME, names, benchmark_templates("imagenet1k"), empty_dataset(), test, meta={"root": str(split_dir)})
+    return Task(CONTROL_NAME, names, templates, empty_dataset(), test, meta={"root": str(split_dir), "protocol": protocol})
 
 
 class MTILStreamParams(BaseModel):
@@ -400,6 +449,10 @@ class MTILStreamParams(BaseModel):
     tasks: list[str] | None = Field(None, description="subset of the 11 datasets (the order's sequence is kept)")
     download: bool = Field(False, description="let torchvision download missing datasets (user's machine only)")
     format: Literal["torchvision", "image_folder"] = Field("torchvision", description="how the datasets are stored")
+    protocol: MTILProtocol = Field(
+        DEFAULT_PROTOCOL,
+        description="vocabulary: zscl = class names and templates of the ZSCL/GIFT code (published numbers); clip_benchmark = clip-benchmark's",
+    )
     shots: int | None = Field(None, ge=1, description="few-shot MTIL: training images per class (5 or 16 in the papers)")
     seed: int = Field(0, description="seed of the few-shot draw and of the size limits")
     train_limit: int | None = Field(None, ge=1, description="at most this many training images per task (seeded)")
@@ -436,12 +489,12 @@ def build_mtil_stream(params: MTILStreamParams, **context: Any) -> StreamData:
         if name in params.templates:
             templates = check_templates(params.templates[name], f"stream.templates.{name}")
         else:
-            templates = mtil_templates(name)
+            templates = mtil_templates(name, params.protocol)
         if params.format == "torchvision":
-            task = torchvision_task(name, root, params.download, templates)
+            task = torchvision_task(name, root, params.download, templates, params.protocol)
         else:
             task = image_folder_task(
-                name, root, templates, params.classnames.get(name), params.folder_classes, params.verify_images
+                name, root, templates, params.classnames.get(name), params.folder_classes, params.verify_images, params.protocol
             )
         tasks.append(
             subsample_task(
@@ -450,5 +503,7 @@ def build_mtil_stream(params: MTILStreamParams, **context: Any) -> StreamData:
         )
     control = None
     if params.control is not None:
-        control = imagenet_control(Path(params.control).expanduser(), params.control_limit, params.seed, params.verify_images)
+        control = imagenet_control(
+            Path(params.control).expanduser(), params.control_limit, params.seed, params.verify_images, params.protocol
+        )
     return StreamData(tasks=tasks, control=control, base_concepts=list(control.classnames) if control else [])

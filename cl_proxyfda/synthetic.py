@@ -73,12 +73,14 @@ def experience_prompt_pool(
     base_concepts: Sequence[str],
     base_template: str = BASE_TEMPLATE,
     exclude_current_classes: bool = False,
+    dedupe: bool = False,
 ) -> list[str]:
     """The prompt pool of ``experience`` (0-based): never built from the current task.
 
     With ``exclude_current_classes`` **[choice, default off as in the paper]**, prompts
     that write one of the current task's class names (base concepts or earlier tasks'
-    classes equal to it, case-insensitive) are dropped too.
+    classes equal to it, case-insensitive) are dropped too. Duplicate prompts are kept
+    (official GIFT code) unless ``dedupe``.
     """
     if not 0 <= experience < len(stream.tasks):
         raise UserError(f"experience {experience + 1} is outside the stream's {len(stream.tasks)} tasks")
@@ -88,7 +90,7 @@ def experience_prompt_pool(
         current = {c.casefold() for c in stream.tasks[experience].classnames}
         base = [c for c in base if c.casefold() not in current]
         previous = [([c for c in names if c.casefold() not in current], tpl) for names, tpl in previous]
-    return build_prompt_pool(base, base_template, previous)
+    return build_prompt_pool(base, base_template, previous, dedupe=dedupe)
 
 
 def current_task_prompts(stream: Any, experience: int) -> set[str]:
@@ -155,6 +157,7 @@ class SyntheticSpec:
     root: Path
     generator_name: str
     generator_args: dict[str, Any] = field(default_factory=dict)
+    dedupe: bool = False
 
     def build_generator(self, device: str | torch.device | None = None) -> Any:
         """The generator backend (heavy models load on first use only)."""
@@ -167,7 +170,7 @@ class SyntheticSpec:
 def plan_experience(spec: SyntheticSpec, stream: Any, key: tuple[str, str], experience: int, generator: Any) -> SyntheticPlan:
     """The plan of ``experience`` (0-based): prompts and seeds depend on ``(seed, experience)``."""
     concepts = resolve_base_concepts(spec.base_concepts, stream)
-    pool = experience_prompt_pool(stream, experience, concepts, spec.base_template, spec.exclude_current_classes)
+    pool = experience_prompt_pool(stream, experience, concepts, spec.base_template, spec.exclude_current_classes, spec.dedupe)
     prompts = sample_prompts(pool, spec.images_per_experience, derived_seed(spec.seed, experience, 0))
     seeds = image_seeds(spec.seed, experience, spec.images_per_experience)
     folder = cache_folder(spec.root / generator_folder_name(generator), key[0], key[1], experience)

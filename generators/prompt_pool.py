@@ -4,6 +4,11 @@ The pool holds every class name of a broad concept list written with a base temp
 ("a photo of a {}.") plus the classes of every *previous* task written with that task's
 first template. The current task's classes are never added here: the caller passes the
 previous tasks only. Prompts are drawn uniformly with replacement, seeded.
+
+Duplicates (the same prompt from two lists, e.g. ImageNet's "a photo of a pizza." and
+Caltech101's, or a name listed twice) are kept by default, as GIFT's official code does
+(``txt2img.py`` extends a list and draws with ``random.choice``): a prompt that occurs k
+times is drawn k times as often. ``dedupe=True`` keeps the first occurrence only.
 """
 from __future__ import annotations
 
@@ -33,17 +38,19 @@ def build_prompt_pool(
     base_concepts: Iterable[str],
     base_template: Template = BASE_TEMPLATE,
     previous_tasks: Sequence[tuple[Sequence[str], Template]] = (),
+    dedupe: bool = False,
 ) -> list[str]:
     """The prompt pool: base concepts with ``base_template``, then previous tasks' classes.
 
     ``previous_tasks`` is a list of ``(classnames, first_template)`` for the tasks already
-    trained (never the current one). Duplicates are removed, keeping the first occurrence.
+    trained (never the current one). Duplicates are kept (official GIFT code) unless
+    ``dedupe``, which keeps the first occurrence of each prompt.
     """
     pool: list[str] = []
     seen: set[str] = set()
 
     def add(prompt: str) -> None:
-        if prompt not in seen:
+        if not dedupe or prompt not in seen:
             seen.add(prompt)
             pool.append(prompt)
 

@@ -100,6 +100,9 @@ class GIFTParams(BaseModel):
         "auto", description="auto: the stream's base concepts, else ImageNet's classes; stream; imagenet; or a list of names"
     )
     exclude_current_classes: bool = Field(False, description="also drop pool prompts naming a current-task class (paper: off)")
+    dedupe: bool = Field(
+        False, description="drop repeated prompts from the pool (official code: kept, so a repeated prompt is drawn more often)"
+    )
     cache_dir: str | None = Field(None, description="synthetic cache root (default: <run.output_dir>/synthetic)")
     cache_teacher: bool = Field(True, description="teacher embeddings of the synthetic set once per experience (false: per batch)")
     paper_doubled_weights: bool = Field(False, description="double KD, ITA and AWC as the code at the time of the paper effectively did")
@@ -123,6 +126,7 @@ class GIFTParams(BaseModel):
             root=cache_root(self.cache_dir, output_dir),
             generator_name=self.generator.name,
             generator_args=self.generator.args,
+            dedupe=self.dedupe,
         )
 
 

@@ -29,17 +29,26 @@ PROMPTS = ["a photo of a red circle.", "a photo of a blue square.", "a photo of 
 
 
 # -- prompt pool ---------------------------------------------------------------------
-def test_prompt_pool_holds_base_concepts_then_previous_tasks_deduplicated():
-    pool = build_prompt_pool(
-        ["cat", "dog", "cat"],
-        previous_tasks=[(["airbus a320", "boeing 747"], "a photo of a {}, a type of aircraft."), (["dog", "tulip"], "a photo of a {c}.")],
-    )
-    assert pool == [
+def test_prompt_pool_holds_base_concepts_then_previous_tasks_with_duplicates_by_default():
+    concepts = ["cat", "dog", "cat"]
+    previous = [(["airbus a320", "boeing 747"], "a photo of a {}, a type of aircraft."), (["dog", "tulip"], "a photo of a {c}.")]
+    expected = [
+        "a photo of a cat.",
+        "a photo of a dog.",
+        "a photo of a cat.",  # listed twice: kept twice, as the official GIFT code does
+        "a photo of a airbus a320, a type of aircraft.",
+        "a photo of a boeing 747, a type of aircraft.",
+        "a photo of a dog.",  # the same prompt from a previous task
+        "a photo of a tulip.",
+    ]
+    assert build_prompt_pool(concepts, previous_tasks=previous) == expected
+    # dedupe=True keeps the first occurrence of each prompt
+    assert build_prompt_pool(concepts, previous_tasks=previous, dedupe=True) == [
         "a photo of a cat.",
         "a photo of a dog.",
         "a photo of a airbus a320, a type of aircraft.",
         "a photo of a boeing 747, a type of aircraft.",
-        "a photo of a tulip.",  # "a photo of a dog." is already there
+        "a photo of a tulip.",
     ]
     assert build_prompt_pool(["x"], base_template="art of {}") == ["art of x"]
     assert apply_template(lambda c: f"itap of a {c}.", "mug") == "itap of a mug."
@@ -47,6 +56,15 @@ def test_prompt_pool_holds_base_concepts_then_previous_tasks_deduplicated():
         build_prompt_pool(["x"], base_template="no placeholder")
     with pytest.raises(UserError, match="empty"):
         build_prompt_pool([])
+
+
+def test_duplicates_kept_in_the_pool_are_drawn_proportionally_more_often():
+    pool = build_prompt_pool(["a", "b", "a", "a"], base_template="{}")
+    counts = Counter(sample_prompts(pool, 4000, seed=3))
+    assert 2850 <= counts["a"] <= 3150 and counts["a"] + counts["b"] == 4000  # 3000 expected, sd ~27
+    deduped = build_prompt_pool(["a", "b", "a", "a"], base_template="{}", dedupe=True)
+    counts = Counter(sample_prompts(deduped, 4000, seed=3))
+    assert 1850 <= counts["a"] <= 2150  # 2000 expected, sd ~32
 
 
 def test_sample_prompts_is_seeded_uniform_with_replacement():
@@ -66,9 +84,11 @@ def test_sample_prompts_is_seeded_uniform_with_replacement():
 def test_imagenet_base_concepts_come_from_open_clip():
     names = imagenet_base_concepts()
     assert len(names) == 1000 and names[0] == "tench" and "goldfish" in names
-    # Two names occur twice in the list ("missile" and "sunglasses"): one prompt each.
+    # Two names occur twice in the list ("missile" and "sunglasses"): kept twice by default
+    # (official GIFT code), one prompt each with dedupe.
     pool = build_prompt_pool(names)
-    assert len(pool) == len(set(names)) == 998 and pool[0] == "a photo of a tench." 
+    assert len(pool) == 1000 and pool[0] == "a photo of a tench." and pool.count("a photo of a missile.") == 2
+    assert len(build_prompt_pool(names, dedupe=True)) == len(set(names)) == 998
 
 
 # -- diffusers backend ----------------------------------------------------------------

@@ -130,6 +130,29 @@ def test_prompt_pool_never_holds_the_current_task():
     assert strict == ["a photo of a square.", "a red-ish red.", "a red-ish blue."]
 
 
+def test_dedupe_option_reaches_the_planned_pool(tmp_path):
+    """Duplicates stay in the pool by default (official GIFT code); gift.dedupe drops them."""
+    EMPTY = ArrayImageDataset(np.zeros((0, 4, 4, 3), dtype=np.uint8), [])
+    tasks = [Task("a", ["cat", "dog"], ["a photo of a {}."], EMPTY, EMPTY), Task("b", ["pink"], ["pink {}"], EMPTY, EMPTY)]
+    stream = StreamData(tasks=tasks, base_concepts=["cat", "cow"])
+    kept = ["a photo of a cat.", "a photo of a cow.", "a photo of a cat.", "a photo of a dog."]
+    assert experience_prompt_pool(stream, 1, stream.base_concepts) == kept
+    assert experience_prompt_pool(stream, 1, stream.base_concepts, dedupe=True) == kept[:2] + kept[3:]
+    assert GIFTParams().dedupe is False
+    pools = {}
+    for dedupe in (False, True):
+        spec = GIFTParams(generator={"name": "world"}, images_per_experience=400, dedupe=dedupe).spec(str(tmp_path))
+        assert spec.dedupe is dedupe
+        plan = plan_experience(spec, stream, ("s", "default"), 1, spec.build_generator("cpu"))
+        pools[dedupe] = plan
+        assert set(plan.prompts) == set(kept)
+    assert (pools[False].pool_size, pools[True].pool_size) == (4, 3)
+    # kept twice, "a photo of a cat." is drawn about twice as often as each other prompt
+    share = pools[False].prompts.count("a photo of a cat.") / 400
+    assert 0.42 <= share <= 0.58  # 1/2 expected, sd 0.025
+    assert 0.26 <= pools[True].prompts.count("a photo of a cat.") / 400 <= 0.41  # 1/3 expected, sd 0.024
+
+
 def test_planned_prompts_of_a_run_exclude_the_current_task(tmp_path, tiny_pipe, data_root, shared_cache):
     cfg = parse_config(tiny_config(data_root, tmp_path, strategies=[gift_entry(tiny_pipe, shared_cache, images_per_experience=16)]))
     stream = STREAMS.build(cfg.stream.name, cfg.stream.args)

@@ -1,9 +1,10 @@
 """MTIL: metadata, orders, templates, splits, and streams built from local files.
 
 Nothing is downloaded: torchvision-format tests write tiny copies of the datasets'
-on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397) for torchvision's own
-dataset classes to read; Aircraft, CIFAR100, Flowers, Food, OxfordPet and StanfordCars
-need their real files (md5-checked archives or .mat metadata) and are not loaded here.
+on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397; the ``write_torchvision_*``
+helpers, also used by test_mtil_protocols.py, which adds Aircraft, Food, OxfordPet and
+StanfordCars) for torchvision's own dataset classes to read; CIFAR100 and Flowers need
+their real, md5-checked files and are not loaded here.
 """
 from __future__ import annotations
 
@@ -72,10 +73,11 @@ def test_orders_match_protocol() -> None:
     assert mtil_task_names("I", ["mnist", "EuroSAT"]) == ["EuroSAT", "MNIST"]
 
 
-def test_class_counts() -> None:
+@pytest.mark.parametrize("protocol", ["zscl", "clip_benchmark"])
+def test_class_counts(protocol: str) -> None:
     assert {n: d.num_classes for n, d in MTIL_DATASETS.items()} == PROTOCOL_COUNTS
     for name in MTIL_ORDER_I:
-        names = mtil_classnames(name)
+        names = mtil_classnames(name, protocol)
         if name in OFFLINE_NAMES:
             assert names is not None and len(names) == PROTOCOL_COUNTS[name], name
             assert len(set(names)) == len(names), name
@@ -83,22 +85,23 @@ def test_class_counts() -> None:
             assert names is None, name
 
 
-def test_offline_class_names_line_up_with_torchvision() -> None:
-    caltech = mtil_classnames("Caltech101")
+def test_clip_benchmark_class_names_line_up_with_torchvision() -> None:
+    caltech = mtil_classnames("Caltech101", "clip_benchmark")
     assert benchmark_classnames("caltech101")[0] == "background" and "background" not in caltech
     assert caltech[:4] == ["off-center face", "centered face", "leopard", "motorbike"]  # Faces, Faces_easy, ...
     assert caltech[-1] == "yin and yang symbol"
-    eurosat = mtil_classnames("EuroSAT")
+    eurosat = mtil_classnames("EuroSAT", "clip_benchmark")
     assert eurosat[0] == "annual crop land" and eurosat[-1] == "lake or sea" and len(EUROSAT_FOLDERS) == 10
-    flowers = mtil_classnames("Flowers")
+    flowers = mtil_classnames("Flowers", "clip_benchmark")
     differ = [i for i, (a, b) in enumerate(zip(flowers, tvd.Flowers102.classes)) if a != b]
     assert differ == [15, 59, 92]  # CLIP's curated names; same classes, same order
-    assert mtil_classnames("MNIST") == [str(d) for d in range(10)]
-    pets = mtil_classnames("OxfordPet")
+    assert mtil_classnames("MNIST", "clip_benchmark") == [str(d) for d in range(10)]
+    pets = mtil_classnames("OxfordPet", "clip_benchmark")
     assert pets[0] == "Abyssinian" and pets[-1] == "Yorkshire Terrier"
 
 
-def test_templates() -> None:
+@pytest.mark.parametrize("protocol", ["zscl", "clip_benchmark"])
+def test_templates(protocol: str) -> None:
     first = {
         "Aircraft": "a photo of a {}, a type of aircraft.",
         "EuroSAT": "a centered satellite photo of {}.",
@@ -106,10 +109,10 @@ def test_templates() -> None:
         "Flowers": "a photo of a {}, a type of flower.",
         "OxfordPet": "a photo of a {}, a type of pet.",
         "DTD": "a photo of a {} texture.",
-        "Food": "a photo of {}, a type of food.",
+        "Food": {"zscl": "a photo of a {}, a type of food.", "clip_benchmark": "a photo of {}, a type of food."}[protocol],
     }
     for name in MTIL_ORDER_I:
-        templates = mtil_templates(name)
+        templates = mtil_templates(name, protocol)
         assert templates, name
         for t in templates:
             assert "{}" in t and "{c}" not in t, (name, t)
@@ -117,7 +120,7 @@ def test_templates() -> None:
         assert len(set(templates)) == len(templates), name
         if name in first:
             assert templates[0] == first[name], name
-    assert len(mtil_templates("Caltech101")) == 34 and len(mtil_templates("CIFAR100")) == 18
+    assert len(mtil_templates("Caltech101", protocol)) == 34 and len(mtil_templates("CIFAR100", protocol)) == 18
 
 
 def test_random_split_is_torch_random_split() -> None:
@@ -156,7 +159,7 @@ def test_image_folder_copy_of_two_tasks(tmp_path: Path) -> None:
         assert [t.name for t in data.tasks] == expected
         assert data.control is None
     eurosat, mnist = build(root=str(root), format="image_folder", tasks=["MNIST", "EuroSAT"]).tasks
-    assert eurosat.classnames == mtil_classnames("EuroSAT") and mnist.classnames == [str(d) for d in range(10)]
+    assert eurosat.classnames == mtil_classnames("EuroSAT") and mnist.classnames == tvd.MNIST.classes  # zscl: "0 - zero", ...
     assert eurosat.templates == mtil_templates("EuroSAT") and mnist.templates == mtil_templates("MNIST")
     assert eurosat.vocabulary.prompts()[1][0] == "a centered satellite photo of forest."
     # labels follow the canonical class order, not the sorted folder names
@@ -238,17 +241,61 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def test_torchvision_mnist(tmp_path: Path) -> None:
-    raw = tmp_path / "MNIST" / "raw"
+def write_torchvision_mnist(root: Path, n_train: int = 30, n_test: int = 20) -> None:
+    """MNIST's raw idx files (image k of a split shows digit k % 10 as grey level 20 * digit)."""
+    raw = root / "MNIST" / "raw"
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 30), ("t10k", 20)):
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % 10
         images = np.repeat(labels[:, None, None] * 20, 28 * 28, axis=1).reshape(n, 28, 28)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images + rng.integers(0, 3, images.shape))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+def write_torchvision_eurosat(root: Path, per_class: int = 5) -> None:
+    for k, folder in enumerate(EUROSAT_FOLDERS):
+        for i in range(per_class):
+            write_image(root / "eurosat" / "2750" / folder / f"{folder}_{i}.jpg", 20 * k)
+
+
+def write_torchvision_dtd(root: Path, classes: list[str]) -> dict[str, list[str]]:
+    """DTD with one image per class in each of partition 1's splits; returns the split files' lines."""
+    base = root / "dtd" / "dtd"
+    lines: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
+    for k, c in enumerate(classes):
+        for split in lines:
+            write_image(base / "images" / c / f"{c}_{split}.jpg", k)
+            lines[split].append(f"{c}/{c}_{split}.jpg")
+    (base / "labels").mkdir()
+    for split, rows in lines.items():
+        (base / "labels" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return lines
+
+
+def write_torchvision_caltech101(root: Path, per_class: int = 2) -> None:
+    base = root / "caltech101" / "101_ObjectCategories"
+    folders = ["BACKGROUND_Google"] + [f"c{k:03d}" for k in range(101)]
+    for k, folder in enumerate(folders):
+        for i in range(per_class):
+            write_image(base / folder / f"image_{i + 1:04d}.jpg", 2 * k, mode="L")
+
+
+def write_torchvision_sun397(root: Path) -> list[str]:
+    """SUN397 with one image per class; the last class is a two-level one. Returns ClassName.txt's lines."""
+    base = root / "SUN397"
+    raw = [f"/{chr(97 + k % 26)}/class_{k:03d}" for k in range(396)] + ["/a/apartment_building/outdoor"]
+    for k, c in enumerate(raw):
+        write_image(base / c.strip("/") / f"sun_{k:04d}.jpg", k)
+    (base / "ClassName.txt").write_text("\n".join(raw) + "\n")
+    return raw
+
+
+def test_torchvision_mnist(tmp_path: Path) -> None:
+    write_torchvision_mnist(tmp_path)
     data = build(root=str(tmp_path), tasks=["MNIST"])
     task = data.tasks[0]
-    assert task.name == "MNIST" and task.classnames == [str(d) for d in range(10)]
+    assert task.name == "MNIST" and task.classnames == ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
+                                                        "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine"]
     assert (len(task.train), len(task.test)) == (30, 20) and task.test.targets[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     image, label = task.test[13]
     assert image.mode == "RGB" and image.size == (28, 28) and label == 3 and 60 <= np.asarray(image)[5, 5, 0] <= 62
@@ -257,9 +304,7 @@ def test_torchvision_mnist(tmp_path: Path) -> None:
 
 
 def test_torchvision_eurosat_random_split(tmp_path: Path) -> None:
-    for k, folder in enumerate(EUROSAT_FOLDERS):
-        for i in range(5):
-            write_image(tmp_path / "eurosat" / "2750" / folder / f"{folder}_{i}.jpg", 20 * k)
+    write_torchvision_eurosat(tmp_path)
     task = build(root=str(tmp_path), tasks=["EuroSAT"]).tasks[0]
     assert task.classnames == mtil_classnames("EuroSAT")
     assert (len(task.train), len(task.test)) == (40, 10)
@@ -273,14 +318,7 @@ def test_torchvision_eurosat_random_split(tmp_path: Path) -> None:
 def test_torchvision_dtd_names_from_dataset(tmp_path: Path) -> None:
     base = tmp_path / "dtd" / "dtd"
     classes = [f"texture_{i:02d}" for i in range(47)]
-    lines: dict[str, list[str]] = {"train1": [], "val1": [], "test1": []}
-    for k, c in enumerate(classes):
-        for split in lines:
-            write_image(base / "images" / c / f"{c}_{split}.jpg", k)
-            lines[split].append(f"{c}/{c}_{split}.jpg")
-    (base / "labels").mkdir()
-    for split, rows in lines.items():
-        (base / "labels" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    lines = write_torchvision_dtd(tmp_path, classes)
     task = build(root=str(tmp_path), tasks=["DTD"]).tasks[0]
     assert task.classnames == [c.replace("_", " ") for c in classes]
     assert task.templates[0] == "a photo of a {} texture."
@@ -293,11 +331,7 @@ def test_torchvision_dtd_names_from_dataset(tmp_path: Path) -> None:
 
 
 def test_torchvision_caltech101_drops_background(tmp_path: Path) -> None:
-    base = tmp_path / "caltech101" / "101_ObjectCategories"
-    folders = ["BACKGROUND_Google"] + [f"c{k:03d}" for k in range(101)]
-    for k, folder in enumerate(folders):
-        for i in range(2):
-            write_image(base / folder / f"image_{i + 1:04d}.jpg", 2 * k, mode="L")
+    write_torchvision_caltech101(tmp_path)
     task = build(root=str(tmp_path), tasks=["Caltech101"]).tasks[0]
     assert task.classnames == benchmark_classnames("caltech101")[1:] and len(task.classnames) == 101
     assert (len(task.train), len(task.test)) == (161, 41)
@@ -307,13 +341,9 @@ def test_torchvision_caltech101_drops_background(tmp_path: Path) -> None:
 
 
 def test_torchvision_sun397_names_and_stable_split(tmp_path: Path) -> None:
-    base = tmp_path / "SUN397"
-    raw = [f"/{chr(97 + k % 26)}/class_{k:03d}" for k in range(396)] + ["/a/apartment_building/outdoor"]
-    for k, c in enumerate(raw):
-        write_image(base / c.strip("/") / f"sun_{k:04d}.jpg", k)
-    (base / "ClassName.txt").write_text("\n".join(raw) + "\n")
+    write_torchvision_sun397(tmp_path)
     task = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
-    assert len(task.classnames) == 397 and task.classnames[-1] == "apartment building outdoor"
+    assert len(task.classnames) == 397 and task.classnames[-1] == "apartment building/outdoor"  # zscl keeps the "/"
     assert task.classnames[5] == "class 005"
     assert (len(task.train), len(task.test)) == (317, 80)
     again = build(root=str(tmp_path), tasks=["SUN397"]).tasks[0]
