@@ -96,7 +96,7 @@ def _dataset_needs(cfg: RunConfig) -> list[Need]:
         def get() -> str:
             root.mkdir(parents=True, exist_ok=True)
             try:
-                data = mtil.TORCHVISION_LOADERS[name](root, True)
+                data = mtil.TORCHVISION_LOADERS[name](root, True, params.protocol)
             except Exception as exc:  # noqa: BLE001 - torchvision raises many kinds; one line each
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"torchvision could not download {name} into {root}: {text}; place it there by hand (see the README)") from None
