@@ -9,13 +9,50 @@ Three parts, each with its own weight:
 - weight ensembling: a running average of the weights, updated every
   ``ensemble_every`` iterations and loaded into the model at the end of the experience.
 
-Reference images: the stream's ``reference`` set (base-world images in the demo), or any
-image folder (``reference_folder``, searched recursively). Reference texts: the class
-names of ``reference_classnames`` (a text file, one name a line), the stream's base
-concepts or ImageNet's class names, written with ``template``. Each iteration draws
-``batch_size`` reference images and ``texts_per_batch`` texts (seeded). Reference images
-use the model's eval transform **[choice]**; when the text tower is frozen the student's
-text embeddings are the teacher's (they are the same tower).
+Defaults follow the official code (github Thunderbeee/ZSCL, ``mtil/``; the training loop
+is ``mtil/src/models/finetune.py``, its helpers ``mtil/src/models/helpers.py``, the
+options ``mtil/src/args.py``, the recipes ``mtil/scripts/*.sh``):
+
+- reference texts: *all* of them at every iteration. With ``--ref-sentences ImageNet``
+  (``ZSCL_minus.sh``, ``table_a.sh``) they are ImageNet's 1,000 class names
+  (``mtil/src/datasets/imagenet_classnames.py``, the list open_clip ships, two names
+  repeated) in the template ``"a photo of a {}."`` (``mtil/src/datasets/imagenet.py``),
+  repeats kept: 1,000 prompts (``unique_texts: false``). Here: ``texts: imagenet``, or the
+  stream's base concepts in the demo world, or a class-name file;
+- the student's logits are its L2-normalised reference-image features against the
+  **frozen teacher's** normalised text embeddings, ``exp(logit_scale) * u w0^T``; the
+  teacher's logits use the same text embeddings and its own image features. The teacher
+  is the pre-trained model (``clip.load(args.model)`` when ``--ref-model`` is not given).
+  Its text embeddings never change, so they are computed once per run (the official
+  loop re-encodes them under ``no_grad`` at each iteration, to the same values); the
+  student's text tower gets no gradient from this term (``student_text: teacher``);
+- the loss (``helpers.distillation``): ``T^2 * softCE(s/T, softmax(t/T))``, a soft
+  cross-entropy (not KL: the value differs by the teacher's entropy, the gradient is the
+  same), mean over rows, T = 2 (``--T``); ``--image_loss`` distils the rows (one per
+  image, softmax over texts), ``--text_loss`` the transposes (one row per text, softmax
+  over the batch's images), each with weight 1 (both on in the recipes). The logit scale
+  is the student's, which the official optimiser never updates (the pre-trained 100);
+- reference images: ImageNet's train set with the eval transform, ``--batch-size`` (64)
+  per iteration, shuffled, cycled. Here: the stream's ``reference`` set (base-world
+  images in the demo) or any image folder (``reference_folder``, searched recursively),
+  ``batch_size`` per iteration in seeded order;
+- L2 (``--l2 1``, ``helpers.l2_loss``): the sum of squared differences to the weights
+  loaded at the start of the task;
+- weight ensembling (``--we --avg_freq 100``, ``helpers.merge_we``): a running mean that
+  starts from the start-of-task weights, saved and evaluated instead of the last weights.
+  The official counter starts at 0, so its snapshots follow steps 1, 101, 201, ...; here
+  they follow iterations ``ensemble_every``, ``2 * ensemble_every``, ... **[choice]**.
+
+The published MTIL recipe (``mtil/scripts/ZSCL.sh`` and the README) uses
+``--ref-sentences conceptual_captions``: every caption of Conceptual Captions'
+validation file (``mtil/src/datasets/cc.py``), all at every iteration. To run that, list
+the captions in a text file, one a line, with ``reference_classnames`` and
+``template: "{}"``.
+
+Options that depart from the official form: ``texts_per_batch`` draws a seeded subset of
+the reference texts at each iteration, and ``student_text: student`` scores the student's
+image features against the student's own text embeddings of those texts (with gradient
+into its text tower when it trains; with a frozen text tower they are the teacher's).
 """
 from __future__ import annotations
 
@@ -65,7 +102,15 @@ class ZSCLParams(BaseModel):
     )
     template: str = Field(BASE_TEMPLATE, description="template of the reference texts")
     batch_size: int = Field(64, ge=1, description="reference images per iteration")
-    texts_per_batch: int | None = Field(None, ge=2, description="reference texts per iteration (default: batch_size, at most all)")
+    texts_per_batch: int | None = Field(
+        None, ge=2, description="reference texts drawn per iteration (default: all of them at every iteration, as in ZSCL's code)"
+    )
+    student_text: Literal["teacher", "student"] = Field(
+        "teacher",
+        description="text embeddings of the student's logits: teacher: the frozen teacher's (ZSCL's code); "
+        "student: the student's own (trains its text tower through the distillation)",
+    )
+    unique_texts: bool = Field(False, description="drop repeated reference texts (ZSCL's code keeps ImageNet's 1,000 prompts, two repeated)")
     seed: int | None = Field(None, description="seed of the reference draws (default: the run's seed)")
 
     @model_validator(mode="after")
@@ -121,7 +166,8 @@ def reference_texts_of(params: ZSCLParams, stream: Any) -> list[str]:
             raise UserError("zscl.texts: the stream has no base concepts (use classnames or imagenet)")
     else:
         names = imagenet_base_concepts()
-    return list(dict.fromkeys(apply_template(params.template, n) for n in names))
+    texts = [apply_template(params.template, n) for n in names]
+    return list(dict.fromkeys(texts)) if params.unique_texts else texts
 
 
 class ZSCLPlugin(CLPlugin):
@@ -147,8 +193,9 @@ class ZSCLPlugin(CLPlugin):
 
     @property
     def n_texts(self) -> int:
-        per = self.params.texts_per_batch or self.params.batch_size
-        return max(2, min(per, len(self.texts)))
+        """Reference texts per iteration: all of them unless ``texts_per_batch`` is set."""
+        per = self.params.texts_per_batch
+        return len(self.texts) if per is None else max(2, min(per, len(self.texts)))
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         if self._teacher_text is None:
@@ -187,15 +234,19 @@ class ZSCLPlugin(CLPlugin):
         teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
         assert self._teacher_text is not None and self._text_rng is not None
         x = self._next_images().to(strategy.device)
-        pick = np.sort(self._text_rng.choice(len(self.texts), size=self.n_texts, replace=False))
-        pick_t = torch.as_tensor(pick, device=self._teacher_text.device)
+        texts, teacher_text = self.texts, self._teacher_text
+        if self.n_texts < len(self.texts):
+            pick = np.sort(self._text_rng.choice(len(self.texts), size=self.n_texts, replace=False))
+            texts = [self.texts[int(i)] for i in pick]
+            teacher_text = self._teacher_text[torch.as_tensor(pick, device=self._teacher_text.device)]
+        own_text = self.params.student_text == "student" and model.text_trainable
         with torch.no_grad():
             u0 = teacher.encode_image(x.to(next(teacher.parameters()).dtype)).float()
         with keep_captured_features(model), autocast_context(strategy):
             u = model.encode_image(x).float()
-            w = model.encode_text([self.texts[int(i)] for i in pick]).float() if model.text_trainable else None
+            w = model.encode_text(texts).float() if own_text else None
         return zscl_distillation(
-            u, u0, self._teacher_text[pick_t], model.logit_scale.float(), student_text=w,
+            u, u0, teacher_text, model.logit_scale.float(), student_text=w,
             temperature=self.params.temperature, image_to_text=self.params.image_to_text, text_to_image=self.params.text_to_image,
         )
 

@@ -1,8 +1,12 @@
 """ZSCL's losses and weight ensembling (methods.md section 4), as pure functions.
 
 ZSCL distils the *initial* model's image-to-text and text-to-image logits on reference
-images and reference texts (e.g. ImageNet images and "a photo of a {c}." for its
-classes) into the model being trained, at temperature T = 2. Its other two parts are an
+images and reference texts (e.g. ImageNet images and "a photo of a {c}." for all its
+classes) into the model being trained, at temperature T = 2. As in the official code
+(github Thunderbeee/ZSCL, ``mtil/src/models/finetune.py`` and ``distillation`` in
+``mtil/src/models/helpers.py``), both the student's and the teacher's logits use the
+frozen teacher's text embeddings, and each direction is a soft cross-entropy
+``T^2 * softCE(s/T, softmax(t/T))`` averaged over rows. Its other two parts are an
 L2 pull towards the start-of-experience weights
 (:func:`cl_proxyfda.losses.regularizers.l2_to_anchor`) and weight ensembling: a running
 average of the weights, updated every ``every`` iterations (:class:`WeightEnsemble`).
@@ -33,11 +37,12 @@ def zscl_distillation(
     """Distil the reference logits of the initial model into the student.
 
     Reference images give ``student_image``/``teacher_image`` embeddings (N x D);
-    reference texts give ``teacher_text`` (K x D) and, when the student's text tower is
-    used, ``student_text`` (K x D; ``None``: the teacher's text embeddings for both, as in
-    ZSCL's code). Logits are ``tau * u w^T`` (N x K) on L2-normalised embeddings; the
-    image-to-text term distils rows, the text-to-image term rows of the transpose, each
-    ``T^2 * softCE(s/T, softmax(t/T))``.
+    reference texts give ``teacher_text`` (K x D) and, optionally, ``student_text``
+    (K x D; ``None``: the teacher's text embeddings for both, as in ZSCL's code).
+    Logits are ``tau * u w^T`` (N x K) on L2-normalised embeddings; the image-to-text
+    term distils the N rows (softmax over texts), the text-to-image term the K rows of
+    the transposes (softmax over images), each ``T^2 * softCE(s/T, softmax(t/T))`` with
+    the mean over rows; the two terms are summed with weight 1.
     """
     if not (image_to_text or text_to_image):
         raise ValueError("zscl_distillation: enable image_to_text, text_to_image or both")
