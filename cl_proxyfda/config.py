@@ -71,10 +71,13 @@ class TrainSection(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
     workers: int = Field(0, ge=0)
-    sampler: Literal["random", "class_balanced"] = "random"
-    classes_per_batch: int = Field(16, gt=0, description="class_balanced sampler: m")
+    sampler: Literal["auto", "random", "class_balanced"] = Field(
+        "auto", description="auto: class_balanced (m = batch_size / images_per_class) when fda/proxy_fda is in the run, else random"
+    )
+    classes_per_batch: Optional[int] = Field(None, gt=0, description="class_balanced sampler: m (default batch_size / images_per_class)")
     images_per_class: int = Field(4, gt=0, description="class_balanced sampler: n")
     hard_class_mining: bool = True
+    mining_temperature: float = Field(0.5, gt=0, description="hard mining softness, in standard deviations of a class's similarities")
     augment: bool = Field(True, description="use the model's training augmentation (false: the eval transform)")
 
     @field_validator("lr_per_task")
@@ -112,6 +115,9 @@ class CheckpointSection(_Strict):
     keep_last: int = Field(2, gt=0)
 
 
+FDA_FAMILY = ("fda", "proxy_fda")  # plugins that build a kNN graph on each batch
+
+
 class NamedComponent(BaseModel):
     """``{name: ..., other keys}``: the other keys are the component's arguments."""
 
@@ -132,6 +138,23 @@ class RunConfig(_Strict):
     eval: EvalSection = EvalSection()
     logging: LoggingSection = LoggingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+
+    def sampler_layout(self) -> tuple[str, int, int]:
+        """(sampler, m classes, n images per class) that the run uses.
+
+        ``auto`` is the class-balanced, hard-mined sampler whenever an FDA-family plugin
+        (``fda``, ``proxy_fda``) is in the run and ``batch_size`` splits into at least two
+        classes of ``images_per_class`` (the kNN graph needs neighbourhoods in the batch),
+        else random batches.
+        """
+        t = self.train
+        n = t.images_per_class
+        kind = t.sampler
+        if kind == "auto":
+            fda = any(s.name in FDA_FAMILY for s in self.strategies)
+            kind = "class_balanced" if fda and t.batch_size % n == 0 and t.batch_size // n >= 2 else "random"
+        m = t.classes_per_batch if t.classes_per_batch is not None else max(1, t.batch_size // n)
+        return kind, m, n
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config: every section, stream and strategy with defaults filled in."""
@@ -307,8 +330,9 @@ def _check_sections(cfg: RunConfig) -> None:
         raise ConfigError("model.prompt_learner", "prompt tuning trains the context only; remove model.adapter")
     if cfg.train.iterations is not None and cfg.train.epochs is not None:
         raise ConfigError("train.epochs", "set either iterations or epochs, not both")
-    if cfg.train.sampler == "class_balanced":
-        per_batch = cfg.train.classes_per_batch * cfg.train.images_per_class
+    kind, m, n = cfg.sampler_layout()
+    if kind == "class_balanced":
+        per_batch = m * n
         if per_batch != cfg.train.batch_size:
             raise ConfigError(
                 "train.batch_size",

@@ -116,20 +116,22 @@ class Run:
 
 def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any:
     seed = cfg.run.seed
+    kind, m_classes, n_per_class = cfg.sampler_layout()
 
     def factory(exp_index: int, targets: list[int], iterations: int) -> Any:
         from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 
         exp_seed = seed * 1_000_003 + exp_index
-        if cfg.train.sampler == "class_balanced":
+        if kind == "class_balanced":
             return ClassBalancedBatchSampler(
                 targets,
-                m_classes=cfg.train.classes_per_batch,
-                n_per_class=cfg.train.images_per_class,
+                m_classes=m_classes,
+                n_per_class=n_per_class,
                 iterations=iterations,
                 seed=exp_seed,
                 class_similarity=class_similarity.get(exp_index),
                 hard_mining=cfg.train.hard_class_mining,
+                mining_temperature=cfg.train.mining_temperature,
             )
         return RandomBatchSampler(len(targets), cfg.train.batch_size, iterations, exp_seed)
 
@@ -398,7 +400,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
 def _before_experience(run: Run, index: int) -> None:
     """Per-experience preparation shared by all plugins (hard-mining similarities)."""
     cfg = run.config
-    if cfg.train.sampler == "class_balanced" and cfg.train.hard_class_mining:
+    if cfg.sampler_layout()[0] == "class_balanced" and cfg.train.hard_class_mining:
         from cl_proxyfda.benchmarks.samplers import class_mean_similarity
 
         task = run.stream.tasks[index]

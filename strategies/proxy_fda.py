@@ -70,6 +70,14 @@ class FDAParams(BaseModel):
     reference scores 20% below the shuffled copy and minimising keeps cos(z, zh) at
     0.82. Fitting tau and b to minimise the loss at the reference from b = 0 ends at
     tau 0.62, b -3.6 with a feature gradient 50x smaller, so they are fixed by default.
+
+    Batches: with ``train.sampler: auto`` (the default) a run with FDA gets the
+    class-balanced, hard-mined sampler (m classes x n images, m = batch size / n). A task
+    with fewer classes than m gets all its classes with batch size / C images each
+    (EuroSAT: 6-7 of each of its 10 classes in a batch of 64), so an anchor's same-class
+    batch-mates can outnumber its K neighbours; with ``same_class: neutral`` **[choice]**
+    those beyond the K neighbours are left out of the loss rather than pushed apart (as
+    non-neighbours most similar in the reference space, they would be pushed hardest).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -86,12 +94,16 @@ class FDAParams(BaseModel):
     neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
     graph: Literal["batch", "bank"] = Field("batch", description="neighbours from the batch, or from a bank of the experience's training set")
     bank_batch_size: int = Field(256, ge=1, description="graph: bank: batch size of the feature pass over the training set")
+    same_class: Literal["neutral", "push"] = Field(
+        "neutral",
+        description="same-class batch members outside the K neighbours: left out of the loss [choice] or pushed apart like any non-neighbour",
+    )
 
     def check_run(self, cfg: Any) -> None:
         """K must be below the batch size, and above images-per-class when batches are class-balanced."""
         if self.k >= cfg.train.batch_size:
             raise ValueError(f"k: K = {self.k} neighbours need batches of more than K images (train.batch_size = {cfg.train.batch_size})")
-        if cfg.train.sampler == "class_balanced" and self.k <= cfg.train.images_per_class:
+        if cfg.sampler_layout()[0] == "class_balanced" and self.k <= cfg.train.images_per_class:
             raise ValueError(f"k: K = {self.k} must exceed train.images_per_class = {cfg.train.images_per_class}, or the graph holds only same-class images")
 
     @field_validator("feature")
@@ -277,7 +289,14 @@ class ProxyFDAPlugin(CLPlugin):
                 min_members=p.generator_min_members, entropy_weight=p.generator_entropy_weight, normalize=p.normalize_proxies,
             )
             self._record(proxy_diagnostics(z, pooling, positives, normalize=p.normalize_proxies))
-        loss = fda_loss(z, zh, self.params.k, self.head.log_tau, self.head.bias, self.params.neg_weight, proxies, positives)
+        ignore = None
+        labels = getattr(strategy, "mb_y", None)
+        if self.params.same_class == "neutral" and isinstance(labels, Tensor) and labels.shape[0] == z.shape[0]:
+            labels = labels.to(z.device)
+            ignore = labels.unsqueeze(0) == labels.unsqueeze(1)
+        loss = fda_loss(
+            z, zh, self.params.k, self.head.log_tau, self.head.bias, self.params.neg_weight, proxies, positives, ignore=ignore
+        )
         self.loss_terms[self.name] = float(loss.detach())
         total = self.params.weight * loss
         if gen_loss is not None:

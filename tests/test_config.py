@@ -131,3 +131,15 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: bogus: unknown key"
     assert "Traceback" not in proc.stderr
+
+
+def test_auto_sampler_is_class_balanced_for_fda_runs_only(tmp_path):
+    from cl_proxyfda.config import parse_config
+
+    base = {"model": {"name": "cl-test-tiny"}, "stream": {"name": "demo"}, "train": {"batch_size": 32}}
+    assert parse_config({**base, "strategies": [{"name": "naive"}]}).sampler_layout() == ("random", 8, 4)
+    assert parse_config({**base, "strategies": [{"name": "l2sp"}, {"name": "proxy_fda"}]}).sampler_layout() == ("class_balanced", 8, 4)
+    odd = {**base, "train": {"batch_size": 30}, "strategies": [{"name": "fda", "k": 8}]}
+    assert parse_config(odd).sampler_layout()[0] == "random"  # 30 does not split into classes of 4
+    pinned = {**base, "train": {"batch_size": 32, "sampler": "random"}, "strategies": [{"name": "fda"}]}
+    assert parse_config(pinned).sampler_layout()[0] == "random"

@@ -401,3 +401,25 @@ def test_trained_proxies_do_not_collapse_and_are_harder_on_clip_like_features():
     assert now["hardness_neg"] >= 0.0 > first["hardness_neg"]  # measured +0.008 vs -0.009
     assert now["hardness_pos"] < first["hardness_pos"] - 0.03  # measured 0.065 vs 0.133
     assert 0 < now["hull_distance"] < 0.2  # normalisation lifts proxies off the hull, a little
+
+
+def test_ignored_pairs_are_neither_pulled_nor_pushed():
+    torch.manual_seed(0)
+    zh = clustered(16, offset=1.0)
+    z = clustered(16, seed=3).requires_grad_()
+    sim_h = zh @ zh.t()
+    pos = graph_mask(knn_graph(sim_h, 3), 16)
+    ignore = torch.zeros(16, 16, dtype=torch.bool)
+    j = int((~pos[0]).nonzero()[1])  # a non-neighbour of anchor 0 (index 0 is anchor 0 itself)
+    ignore[0, j] = ignore[j, 0] = True
+    ignore[0, int(pos[0].nonzero()[0])] = True  # an ignored neighbour stays a neighbour
+    log_tau, bias = scalars(b=-10.0)
+    loss = fda_loss(z, zh, 3, log_tau, bias, positives=pos, ignore=ignore)
+    # Hand computation: the same mean with pair (0, j) and (j, 0) dropped.
+    w = signed_weights(sim_h, pos)
+    pairs = F.softplus(-w * ((z @ z.t()) / 0.1 - 10.0))
+    keep = ~torch.eye(16, dtype=torch.bool)
+    keep[0, j] = keep[j, 0] = False
+    expected = ((pairs * keep).sum(1) / keep.sum(1)).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(fda_loss(z, zh, 3, log_tau, bias, positives=pos), fda_loss(z, zh, 3, log_tau, bias, positives=pos, ignore=torch.zeros_like(ignore)))

@@ -287,6 +287,7 @@ def fda_loss(
     neg_weight: str = "clamp0",
     proxies: Proxies | None = None,
     positives: Tensor | None = None,
+    ignore: Tensor | None = None,
 ) -> Tensor:
     """Mean over anchors of ``L_FDA_i = mean_j softplus(-W_ij (S_ij / tau + b))``.
 
@@ -299,8 +300,11 @@ def fda_loss(
         proxies: optional Proxy-FDA proxies (``make_proxies``); they join anchor i's
             pairs with ``S_ip = z_i . P`` and their pooled target weights.
         positives: optional (B, B) boolean graph replacing the in-batch kNN graph.
+        ignore: optional (B, B) boolean mask of pairs left out of the loss (neither
+            pulled nor pushed), e.g. same-class batch members beyond the K neighbours.
 
-    The mean for anchor i runs over its B - 1 real pairs plus its valid proxies.
+    The mean for anchor i runs over its real pairs (B - 1, minus ignored ones) plus its
+    valid proxies.
     """
     if z.shape != zh.shape:
         raise ValueError(f"student and reference features differ in shape: {tuple(z.shape)} vs {tuple(zh.shape)}")
@@ -313,10 +317,11 @@ def fda_loss(
         raise ValueError(f"positives must be a ({b}, {b}) mask, got {tuple(positives.shape)}")
     off_diag = ~torch.eye(b, dtype=torch.bool, device=z.device)
     positives = positives & off_diag
+    pairs = off_diag if ignore is None else off_diag & (~ignore | positives)
     weights = signed_weights(sim_h, positives, neg_weight)
-    losses = pair_loss(z @ z.t(), weights, log_tau, bias) * off_diag
+    losses = pair_loss(z @ z.t(), weights, log_tau, bias) * pairs
     total = losses.sum(dim=1)
-    count = torch.full((b,), float(b - 1), device=z.device)
+    count = pairs.sum(dim=1).to(z.dtype)
     if proxies is not None:
         for sims, w, valid in ((proxies.sim_pos, proxies.w_pos, proxies.valid_pos), (proxies.sim_neg, proxies.w_neg, proxies.valid_neg)):
             term = pair_loss(sims, w, log_tau, bias) * valid.unsqueeze(1)
