@@ -69,8 +69,40 @@ def sum_across(values: list[float], device: torch.device | str = "cpu") -> list[
     return t.tolist()
 
 
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters DDP does not own (a plugin's own) over all
+    processes, so that every process takes the same optimizer step (no-op when alone).
+
+    Every process must call it at the same point; a missing gradient counts as zero.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def broadcast_from_main(tensors: Iterable[torch.Tensor]) -> None:
+    """Copy rank 0's values of ``tensors`` into every process (no-op when alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
 class ShardedBatches:
-    """Each process takes its slice ``batch[rank::world]`` of every global batch."""
+    """Each process takes its contiguous share of every global batch: rank r gets items
+    ``r * B / world`` to ``(r + 1) * B / world``.
+
+    The class-balanced sampler lays a batch out class by class (m classes x n images),
+    so with m divisible by the number of processes every process gets whole classes and
+    can build a neighbourhood graph on its share (a strided ``batch[rank::world]`` would
+    give it one image of each of m classes). Random batches are as random either way.
+    """
 
     def __init__(self, batches: Iterable[list[int]], ctx: DistContext) -> None:
         self.batches, self.ctx = batches, ctx
@@ -80,7 +112,8 @@ class ShardedBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
-            yield batch[self.ctx.rank :: self.ctx.world]
+            size = -(-len(batch) // self.ctx.world)
+            yield batch[self.ctx.rank * size : (self.ctx.rank + 1) * size]
 
 
 def shutdown() -> None:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from cl_proxyfda.distributed import average_gradients, broadcast_from_main
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.knn import FeatureBank
 from cl_proxyfda.losses.fda import (
@@ -170,6 +171,7 @@ class ProxyFDAPlugin(CLPlugin):
             assert dim is not None
             self.dim = dim
             self.generator = ProxyGenerator(dim, self.params.n_proxies).to(self.head.log_tau.device)
+            broadcast_from_main(self.generator.parameters())  # one generator, whatever the process
             self.head.generator = self.generator
             groups.append({"params": list(self.generator.parameters()), "lr": self.params.generator_lr})
         self.optimizer = _adamw(groups) if groups else None
@@ -272,9 +274,9 @@ class ProxyFDAPlugin(CLPlugin):
         if z.shape[0] < 2:
             return
         zh = self._teacher_features(strategy)
-        if self.params.proxies and self.generator is None:
-            self._setup(z.shape[1])
         self._to_device(z.device)
+        if self.params.proxies and self.generator is None:
+            self._setup(z.shape[1])  # on z's device, so that it can be broadcast there
         sim_h = zh @ zh.t()
         positives = self._graph(sim_h, zh)
         self.positives_per_anchor = float(positives.sum(dim=1).float().mean())
@@ -317,6 +319,9 @@ class ProxyFDAPlugin(CLPlugin):
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.optimizer is not None:
+            # Under torchrun each process saw its own share of the batch: average the
+            # gradients of tau, b and the generator so their copies stay identical.
+            average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
