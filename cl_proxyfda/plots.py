@@ -129,16 +129,33 @@ def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
     return _save(fig, path)
 
 
+# Heatmaps grow with the task count (one labelled cell per row x task); past this many
+# tasks they would be too large to draw and are left out (the CSV files hold the values).
+MAX_HEATMAP_TASKS = 100
+
+
+def plot_files(results: "RunResults", run_dir: str | Path) -> list[Path]:
+    """The PNG files :func:`render_all` writes for ``results`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    files = [run_dir / "stability_plasticity.png"]
+    if results.num_tasks <= MAX_HEATMAP_TASKS:
+        files.insert(0, run_dir / "accuracy_matrix.png")
+        files += [run_dir / f"{safe_name(name)}_matrix.png" for name in results.extra_matrices]
+    return files
+
+
 def render_all(results: "RunResults", run_dir: str | Path) -> list[Path]:
     """Write ``accuracy_matrix.png``, ``stability_plasticity.png`` and one
-    ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths."""
+    ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths.
+    Heatmaps are left out for more than :data:`MAX_HEATMAP_TASKS` tasks."""
     run_dir = Path(run_dir)
-    written = [
-        plot_accuracy_matrix(results, run_dir / "accuracy_matrix.png"),
-        plot_stability_plasticity(results, run_dir / "stability_plasticity.png"),
-    ]
-    for name in results.extra_matrices:
-        written.append(
-            plot_accuracy_matrix(results, run_dir / f"{safe_name(name)}_matrix.png", name=name)
-        )
+    written = []
+    if results.num_tasks <= MAX_HEATMAP_TASKS:
+        written.append(plot_accuracy_matrix(results, run_dir / "accuracy_matrix.png"))
+    written.append(plot_stability_plasticity(results, run_dir / "stability_plasticity.png"))
+    if results.num_tasks <= MAX_HEATMAP_TASKS:
+        for name in results.extra_matrices:
+            written.append(
+                plot_accuracy_matrix(results, run_dir / f"{safe_name(name)}_matrix.png", name=name)
+            )
     return written

@@ -313,12 +313,15 @@ class RunResults:
             raise UserError(f"{path}: cannot read ({exc})") from exc
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise UserError(f"{path}: not a cl-proxyfda metrics file (it nests too deeply)") from None
         if not isinstance(data, dict) or not isinstance(data.get("task_names"), list):
             raise UserError(f"{path}: not a cl-proxyfda metrics file (no 'task_names' list)")
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            raise UserError(f"{path}: malformed results ({exc})") from exc
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"{path}: malformed results ({first})") from None
 
     # -- display ---------------------------------------------------------------------
 
@@ -422,6 +425,9 @@ def report(run_dir: str | Path) -> tuple[str, list[Path]]:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
     results = RunResults.load(run_dir)
+    for target in [run_dir / SUMMARY_TXT, *plots.plot_files(results, run_dir)]:
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise UserError(f"{target}: exists and is not a regular file; move it away to re-render the report")
     table = results.format_table()
     written = [atomic_write_text(run_dir / SUMMARY_TXT, table + "\n")]
     written.extend(plots.render_all(results, run_dir))

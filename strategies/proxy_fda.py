@@ -61,9 +61,9 @@ _LAYER = re.compile(r"^(embed|ln_pre|block[1-9][0-9]*)$")
 class FDAParams(BaseModel):
     """Options of FDA (Proxy-FDA without proxies)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1.0, ge=0, description="lambda, the weight of the FDA loss (tune per setting)")
-    k: int = Field(8, ge=1, description="K neighbours in the reference-space graph; must be < batch size and > images per class")
+    k: int = Field(8, ge=1, le=65536, description="K neighbours in the reference-space graph; must be < batch size and > images per class")
     tau_init: float = Field(0.1, gt=0, description="initial temperature tau (log-parametrised)")
     bias_init: float = Field(0.0, description="initial bias b")
     learn_tau_bias: bool = Field(True, description="learn tau and b (false: keep them fixed)")
@@ -74,7 +74,7 @@ class FDAParams(BaseModel):
     reference: Literal["pretrained", "previous"] = Field("pretrained", description="the frozen reference f0")
     neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
     graph: Literal["batch", "bank"] = Field("batch", description="neighbours from the batch, or from a bank of the experience's training set")
-    bank_batch_size: int = Field(256, ge=1, description="graph: bank: batch size of the feature pass over the training set")
+    bank_batch_size: int = Field(256, ge=1, le=65536, description="graph: bank: batch size of the feature pass over the training set")
 
     def check_run(self, cfg: Any) -> None:
         """K must be below the batch size, and above images-per-class when batches are class-balanced."""
@@ -95,7 +95,7 @@ class ProxyFDAParams(FDAParams):
     """Options of Proxy-FDA (FDA plus generated proxies)."""
 
     proxies: bool = Field(True, description="add generated proxies (false: plain FDA)")
-    n_proxies: int = Field(4, ge=1, description="proxies per positive and per negative set")
+    n_proxies: int = Field(4, ge=1, le=65536, description="proxies per positive and per negative set")
     generator_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the proxy generator")
     generator_alpha: float = Field(1.0, ge=0, description="weight of the diversity term in the generator loss")
     generator_temperature: float = Field(0.1, gt=0, description="temperature of the generator's InfoNCE terms")
