@@ -278,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # one line whatever the message quotes (newlines, lone surrogates from odd file names)
+        line = str(exc).replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except TrainingDiverged as exc:
         kept = getattr(exc, "checkpoint", None)

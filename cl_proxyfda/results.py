@@ -43,6 +43,9 @@ METRICS_FILE = "metrics.json"
 MATRIX_CSV = "accuracy_matrix.csv"
 SUMMARY_TXT = "summary.txt"
 FORMAT = "cl-proxyfda.results/1"
+# Text tables and heatmaps show the matrix for at most this many tasks (the CSV files
+# always hold every value).
+MAX_MATRIX_TASKS = 100
 EXTRA_SUMMARY_KEYS = (
     "transfer", "avg", "last", "bwt", "forgetting_avalanche", "forgetting_max", "plasticity",
 )
@@ -341,13 +344,18 @@ class RunResults:
             return "\n".join(lines)
 
         lines.append("")
-        lines.extend(self._format_matrix(self.rows, "Accuracy (%)", with_control=True))
+        wide = self.num_tasks > MAX_MATRIX_TASKS
+        if wide:
+            lines.append(f"Accuracy matrix: {len(self.rows)} rows x {self.num_tasks} tasks, too wide to show (see {MATRIX_CSV})")
+        else:
+            lines.extend(self._format_matrix(self.rows, "Accuracy (%)", with_control=True))
         s = self.summary()
         lines.append("")
         lines.extend(_format_summary(s))
         for extra_name, rows in self.extra_matrices.items():
             lines.append("")
-            lines.extend(self._format_matrix(rows, extra_name, with_control=False))
+            if not wide:
+                lines.extend(self._format_matrix(rows, extra_name, with_control=False))
             es = s["extra"][extra_name]
             lines.append(
                 f"  Transfer {_fmt(es['transfer'])}   Avg {_fmt(es['avg'])}   "
