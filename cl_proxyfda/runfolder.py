@@ -87,19 +87,18 @@ def saved_config(folder: Path) -> dict[str, Any] | None:
 
 def check_same_config(folder: Path, new: Mapping[str, Any], fallback: Mapping[str, Any] | None = None, what: str = "") -> None:
     """Refuse to continue ``folder`` with a resolved config that differs from the one it
-    was written with (``config.yaml``, else ``fallback``, e.g. the checkpoint's copy)."""
-    old = saved_config(folder)
-    if old is None:
-        old = dict(fallback) if fallback is not None else None
-    if old is None:
-        return
-    diff = config_differences(old, dict(new))
-    if diff:
-        shown = ", ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "")
-        raise UserError(
-            f"{folder} holds a run{what} with a different config (differs at {shown}); "
-            "use the same config to continue it, or choose another folder"
-        )
+    was written with: its ``config.yaml`` and ``fallback`` (the checkpoint's copy), each
+    when present."""
+    for old in (saved_config(folder), fallback):
+        if old is None:
+            continue
+        diff = config_differences(dict(old), dict(new))
+        if diff:
+            shown = ", ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "")
+            raise UserError(
+                f"{folder} holds a run{what} with a different config (differs at {shown}); "
+                "use the same config to continue it, or choose another folder"
+            )
 
 
 # ------------------------------------------------------------------ output paths

@@ -1,8 +1,11 @@
 """The runner: a validated RunConfig in, a run folder with results out.
 
 Flow per run: build stream, model and plugins (any bad input fails here, before a file
-is written) -> evaluate row 0 -> for each experience: train once, evaluate every task
-and the control set, save results, plots and a checkpoint -> summary table.
+is written) -> lock the run folder -> evaluate row 0 -> for each experience: train once,
+evaluate every task and the control set, save results, plots and a checkpoint ->
+summary table. ``--resume`` continues only a folder written with the same resolved
+config (see :mod:`cl_proxyfda.runfolder`) and first rewrites the results files from the
+checkpoint.
 """
 from __future__ import annotations
 

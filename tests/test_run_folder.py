@@ -97,6 +97,17 @@ def test_resume_falls_back_to_the_checkpoint_config_when_config_yaml_is_gone(cop
     assert _snapshot(out) == before
 
 
+def test_resume_checks_the_checkpoint_config_too(copy_of, capsys):
+    path, out = copy_of
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["train"]["lr"] = 0.5  # config.yaml edited by hand; the checkpoints trained with the old rate
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = _snapshot(out)
+    assert main(["run", str(path), "--resume", "--set", "train.lr=0.5"]) == 2
+    assert "differs at train.lr" in _one_error_line(capsys)
+    assert _snapshot(out) == before
+
+
 def test_resume_with_result_neutral_changes_goes_on(copy_of, capsys):
     path, out = copy_of
     before = RunResults.load(out).matrix()
