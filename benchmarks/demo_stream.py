@@ -203,15 +203,15 @@ DEMO_TASK_NAMES: tuple[str, ...] = tuple(t.name for t in DEMO_TASKS)
 class DemoStreamParams(BaseModel):
     """Arguments of the ``demo`` stream."""
 
-    model_config = ConfigDict(extra="forbid")
-    seed: int = Field(0, ge=0, description="seed of every image and split of the stream")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of every image and split of the stream")
     image_size: int = Field(32, ge=16, le=512, description="image side in pixels (the demo model takes 32)")
-    train_per_class: int = Field(100, ge=1, description="training images per class (digits: train + test <= 174)")
-    test_per_class: int = Field(25, ge=1, description="test images per class")
+    train_per_class: int = Field(100, ge=1, le=100_000, description="training images per class (digits: train + test <= 174)")
+    test_per_class: int = Field(25, ge=1, le=100_000, description="test images per class")
     tasks: list[str] | None = Field(None, description=f"subset of the tasks (stream order kept): {', '.join(DEMO_TASK_NAMES)}")
-    control_per_class: int = Field(40, ge=0, description="control-set images per base shape (0: no control set)")
-    reference_size: int = Field(512, ge=0, description="unlabelled base-world reference images (0: none)")
-    shots: int | None = Field(None, ge=1, description="few-shot: training images per class (seeded draw from the training set)")
+    control_per_class: int = Field(40, ge=0, le=100_000, description="control-set images per base shape (0: no control set)")
+    reference_size: int = Field(512, ge=0, le=1_000_000, description="unlabelled base-world reference images (0: none)")
+    shots: int | None = Field(None, ge=1, le=100_000, description="few-shot: training images per class (seeded draw from the training set)")
 
     @field_validator("tasks")
     @classmethod

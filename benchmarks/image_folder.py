@@ -171,6 +171,20 @@ def resolve_classnames(folders: Sequence[str], override: ClassNames | None, wher
     return list(override)
 
 
+def check_distinct_prompts(folders: Sequence[str], names: Sequence[str], where: str) -> None:
+    """Two classes whose names give the same prompt (``a_b`` and ``a b``, ``Red`` and
+    ``red``: CLIP's tokenizer lower-cases) could never be told apart: refuse them."""
+    seen: dict[str, str] = {}
+    for folder, class_name in zip(folders, names):
+        key = _normalise(class_name)
+        if key in seen:
+            raise UserError(
+                f"{where}: class folders {seen[key]!r} and {folder!r} both give the class name {key!r}; "
+                "rename one or give distinct names with stream.classnames"
+            )
+        seen[key] = folder
+
+
 def empty_dataset() -> ImageFileDataset:
     return ImageFileDataset([], [])
 
@@ -218,6 +232,7 @@ def folder_task(
     else:
         names = resolve_classnames(folders, classnames, f"stream.classnames.{name}")
         labels = list(range(len(folders)))
+        check_distinct_prompts(folders, names, f"task {name!r} in {task_dir / 'test'}")
 
     def dataset(split: str) -> ImageFileDataset:
         if split not in splits:
@@ -294,7 +309,7 @@ def subsample_task(
 class ImageFolderStreamParams(BaseModel):
     """Arguments of the ``image_folder`` stream."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     root: str = Field(description="folder holding one sub-folder per task: root/TASK/{train,test}/CLASS/*.jpg")
     tasks: list[str] | None = Field(None, description="task folder names in stream order (default: sorted sub-folders)")
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), description="prompt templates with '{}'")
@@ -303,7 +318,7 @@ class ImageFolderStreamParams(BaseModel):
         default_factory=dict, description="per-task class names: a list in sorted-folder order or a mapping folder -> name"
     )
     shots: int | None = Field(None, ge=1, description="few-shot: training images per class (seeded)")
-    seed: int = Field(0, description="seed of the few-shot draw and of the size limits")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the few-shot draw and of the size limits")
     control: str | None = Field(None, description="task folder used as control set (evaluated, never trained)")
     train_limit: int | None = Field(None, ge=1, description="at most this many training images per task (seeded)")
     test_limit: int | None = Field(None, ge=1, description="at most this many test images per task (seeded)")

@@ -443,7 +443,7 @@ def imagenet_control(
 class MTILStreamParams(BaseModel):
     """Arguments of the ``mtil`` stream."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     root: str = Field(description="data root: torchvision's dataset folders, or root/NAME/{train,test}/CLASS")
     order: Literal["I", "II"] = Field("I", description="MTIL order I or II")
     tasks: list[str] | None = Field(None, description="subset of the 11 datasets (the order's sequence is kept)")
@@ -454,7 +454,7 @@ class MTILStreamParams(BaseModel):
         description="vocabulary: zscl = class names and templates of the ZSCL/GIFT code (published numbers); clip_benchmark = clip-benchmark's",
     )
     shots: int | None = Field(None, ge=1, description="few-shot MTIL: training images per class (5 or 16 in the papers)")
-    seed: int = Field(0, description="seed of the few-shot draw and of the size limits")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the few-shot draw and of the size limits")
     train_limit: int | None = Field(None, ge=1, description="at most this many training images per task (seeded)")
     test_limit: int | None = Field(None, ge=1, description="at most this many test images per task (seeded)")
     templates: dict[str, list[str]] = Field(

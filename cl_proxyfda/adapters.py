@@ -64,10 +64,10 @@ class AdapterConfig(BaseModel):
         towers: ``image`` (default) and/or ``text``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: AdapterType
-    rank: int = Field(8, ge=1)
+    rank: int = Field(8, ge=1, le=65536)
     alpha: float | None = Field(None, gt=0)
     targets: list[TargetName] = Field(default_factory=lambda: list(ALL_TARGETS))
     towers: list[TowerName] = Field(default_factory=lambda: ["image"])

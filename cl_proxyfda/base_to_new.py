@@ -38,13 +38,13 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from cl_proxyfda.benchmarks.samplers import RandomBatchSampler
 from cl_proxyfda.benchmarks.stream import StreamData, Subset, Task, dataset_targets, few_shot_indices
-from cl_proxyfda.errors import UserError
+from cl_proxyfda.errors import ConfigError, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.models import CLIPTaskModel, create_clip
 from cl_proxyfda.prompt_learner import PromptLearner, PromptLearnerConfig
@@ -57,15 +57,15 @@ VARIANTS = ("coop", "coop_prompt_fda")
 class BaseToNewSettings(BaseModel):
     """Options of a base-to-new evaluation (all have the CoOp/CoCoOp defaults)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
     model_name: str = Field("ViT-B-16", description="open_clip model name")
     pretrained: str | None = Field(None, description="open_clip tag, shipped tag or checkpoint path")
-    shots: int = Field(16, ge=1, description="training images per base class (seeded)")
+    shots: int = Field(16, ge=1, le=100_000, description="training images per base class (seeded)")
     split: Literal["first_half", "seeded"] = Field("first_half", description="base = first ceil(C/2) labels, or a seeded random half")
-    seed: int = Field(0, description="seed of the split, the shot draw, the context init and the batches")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the split, the shot draw, the context init and the batches")
     iterations: int | None = Field(None, ge=1, description="optimizer steps per task (default: epochs over the few-shot set)")
     epochs: int = Field(200, ge=1, description="passes over the few-shot set when iterations is not given (CoOp: 200)")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     warmup: int = Field(0, ge=0, description="linear warm-up steps before the cosine schedule")
@@ -74,7 +74,7 @@ class BaseToNewSettings(BaseModel):
     fda: PromptFDAParams = Field(default_factory=PromptFDAParams)
     variants: list[Literal["coop", "coop_prompt_fda"]] = Field(default_factory=lambda: list(VARIANTS))
     device: str = Field("cpu", description="cpu, cuda or auto")
-    eval_batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(256, ge=1, le=65536)
 
 
 # ----------------------------------------------------------------------- pieces
@@ -189,7 +189,13 @@ def run_base_to_new(stream: StreamData | Sequence[Task], settings: BaseToNewSett
     mean delta_new).
     """
     data = settings.model_dump() if isinstance(settings, BaseToNewSettings) else dict(settings or {})
-    cfg = BaseToNewSettings(**{**data, **overrides})
+    try:
+        cfg = BaseToNewSettings(**{**data, **overrides})
+    except ValidationError as exc:
+        from cl_proxyfda.config import first_error
+
+        err = first_error(exc)
+        raise ConfigError(f"base-to-new {err.path}", err.problem) from None
     if cfg.prompt.class_specific:
         raise UserError("base-to-new: new classes need a shared context (prompt.class_specific: false)")
     tasks = list(stream.tasks) if isinstance(stream, StreamData) else list(stream)

@@ -72,21 +72,54 @@ def save_checkpoint(folder: Path, experience: int, payload: dict[str, Any], keep
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Regular files named ``exp_NNN.pt`` (a FIFO or folder of that name is ignored:
+    opening a FIFO would block)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file())
+
+
+def _check_rng(state: Any) -> bool:
+    if not isinstance(state, dict) or not isinstance(state.get("torch"), torch.Tensor):
+        return False
+    np_state = state.get("numpy")
+    if not isinstance(np_state, dict) or not isinstance(np_state.get("key"), torch.Tensor) or np_state["key"].numel() != 624:
+        return False
+    gauss = np_state.get("gauss")
+    if not isinstance(np_state.get("pos"), int) or not isinstance(gauss, list) or len(gauss) != 2:
+        return False
+    python = state.get("python")
+    return isinstance(python, list) and len(python) == 625 and all(isinstance(v, int) for v in python) and isinstance(state.get("python_version"), int)
+
+
+def check_checkpoint(data: Any, path: Path) -> dict[str, Any]:
+    """The structure of a loaded checkpoint; a hand-edited or foreign one is refused."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or not isinstance(data.get("model"), dict):
+        raise UserError(f"checkpoint {path} is not a cl-proxyfda run checkpoint")
+    experience = data.get("experience")
+    match = _NAME.match(path.name)
+    if isinstance(experience, bool) or not isinstance(experience, int) or experience < 1:
+        raise UserError(f"checkpoint {path}: 'experience' must be a positive integer (got {experience!r})")
+    if match and int(match.group(1)) != experience:
+        raise UserError(f"checkpoint {path}: it says experience {experience} but is named for experience {int(match.group(1))}")
+    for key, kind in (("plugins", dict), ("results", dict), ("model_name", str)):
+        if not isinstance(data.get(key), kind):
+            raise UserError(f"checkpoint {path}: '{key}' is missing or not a {kind.__name__}")
+    if not _check_rng(data.get("rng")):
+        raise UserError(f"checkpoint {path}: the RNG state is missing or malformed")
+    return data
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """Load one checkpoint with ``weights_only=True``; errors name the file."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a regular file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, foreign content
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"checkpoint {path} is unreadable or corrupted: {first}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or "model" not in data:
-        raise UserError(f"checkpoint {path} is not a cl-proxyfda run checkpoint")
-    return data
+    return check_checkpoint(data, path)
 
 
 def load_latest_checkpoint(folder: Path) -> dict[str, Any] | None:

@@ -326,13 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # one line whatever the message quotes (newlines, lone surrogates from odd file names)
+        line = str(exc).replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"error: {line}", file=sys.stderr)
         return exc.exit_code
     except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}; the last good checkpoint is kept", file=sys.stderr)
+        kept = getattr(exc, "checkpoint", None)
+        tail = f"the last good checkpoint is kept: {kept}" if kept else "no checkpoint was written before it"
+        print(f"error: training diverged: {exc}; {tail}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted; completed experiences are saved (use --resume)", file=sys.stderr)
+        print("\ninterrupted; completed experiences are saved (use --resume)", file=sys.stderr)
         return 130
 
 

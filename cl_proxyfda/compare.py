@@ -5,7 +5,8 @@ comparison file into one full :class:`~cl_proxyfda.config.RunConfig` per variant
 seed, validates them all before anything runs, runs them one after another with
 :func:`cl_proxyfda.runner.run_config`, and writes a table, a frontier plot and curves.
 
-The comparison file (YAML, read with ``yaml.safe_load``; unknown keys are errors)::
+The comparison file (YAML, read with a safe loader that refuses duplicate keys and
+aliases that refer to themselves or expand past 100,000 values; unknown keys are errors)::
 
     name: l2sp_vs_naive           # default: the file's stem; OUT = output_dir/name
     description: naive vs L2-SP on the tiny stream   # optional, shown in comparison.md
@@ -60,8 +61,11 @@ peaks of earlier ones; on CUDA the peak counter is reset before every run.
 
 Rerunning the same comparison skips the runs whose ``metrics.json`` is complete (their
 saved results are loaded) and resumes unfinished runs from their last checkpoint
-(``resume=True``). A run folder written with a different config (model, stream,
-train, strategies, eval or run seed/precision) is an error rather than silently reused.
+(``resume=True``). A run folder written with a different resolved config (anything but
+:data:`cl_proxyfda.runfolder.RESULT_NEUTRAL_KEYS`: run name, output folder, device and
+threads, workers, eval batch size, logging, checkpointing) is an error rather than
+silently reused. OUT is locked (``OUT/.lock``) while the comparison runs, and each run
+folder while its run does: a second comparison into OUT stops with an error.
 A run that diverges is reported and left out of the table; the others still run (the
 CLI then exits with code 3, as ``cl-proxyfda run`` does). Bad input exits with code 2.
 
@@ -87,12 +91,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cl_proxyfda.config import RunConfig, first_error, apply_overrides, parse_config, read_yaml
 from cl_proxyfda.errors import ConfigError, TrainingDiverged, UserError
 from cl_proxyfda.results import METRICS_FILE, RunResults, atomic_write_bytes, atomic_write_text
+from cl_proxyfda.runfolder import FolderLock, check_same_config, make_output_folder
 
 __all__ = [
     "ComparisonFile",
@@ -142,9 +146,6 @@ METRIC_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("peak_memory_mb", "Peak memory (MB)", 0),
 )
 META_KEYS = ("trainable_params", "wall_seconds", "peak_memory_mb")
-# Config sections that may change between a run and its rerun without invalidating it.
-_IGNORED_ON_RERUN = ("logging", "checkpoint")
-_IGNORED_RUN_KEYS = ("output_dir", "device", "name")
 
 
 # ------------------------------------------------------------------------- schema
@@ -461,42 +462,8 @@ class RunOutcome:
     error: str = ""
 
 
-def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    data = {k: v for k, v in config.items() if k not in _IGNORED_ON_RERUN}
-    if isinstance(data.get("run"), dict):
-        data["run"] = {k: v for k, v in data["run"].items() if k not in _IGNORED_RUN_KEYS}
-    return data
-
-
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in old or key not in new:
-                out.append(sub)
-            else:
-                out.extend(_differences(old[key], new[key], sub))
-        return out
-    return [] if old == new else [path or "(root)"]
-
-
 def _check_same_config(run: PlannedRun) -> None:
-    saved = run.out_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    try:
-        old = yaml.safe_load(saved.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"{saved}: cannot read the saved config ({type(exc).__name__})") from None
-    if not isinstance(old, dict):
-        raise UserError(f"{saved}: not a run config")
-    diff = _differences(_comparable(old), _comparable(run.config.to_dict()))
-    if diff:
-        raise UserError(
-            f"{run.out_dir} holds a run of {run.variant!r} seed {run.seed} with a different config "
-            f"(differs at {', '.join(diff[:3])}); delete that folder or choose another --out"
-        )
+    check_same_config(run.out_dir, run.config.to_dict(), what=f" of {run.variant!r} seed {run.seed}")
 
 
 def _finished_results(run: PlannedRun) -> Optional[RunResults]:
@@ -898,11 +865,18 @@ def run_comparison(
             print(line, file=sys.stderr, flush=True)
 
     plan = plan_comparison(path_or_mapping, out_dir, overrides, only)
+    for run in plan.runs:  # every folder is checked before anything is written
+        _check_same_config(run)
+    make_output_folder(plan.out_dir, "comparison folder")
+    with FolderLock(plan.out_dir, "comparison folder"):
+        return _run_locked(plan, log, report_only)
+
+
+def _run_locked(plan: ComparisonPlan, log: Any, report_only: bool) -> ComparisonResult:
     log(f"compare {plan.name}: {len(plan.variants)} variants x {len(plan.seeds)} seeds = {len(plan.runs)} runs -> {plan.out_dir}")
     outcomes = _execute_plan(plan, log, report_only)
     rows = summarize_variants(plan, outcomes)
     out = plan.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     markdown = format_markdown(plan.name, rows, plan.description, plan.seeds)
     files = {
         "markdown": atomic_write_text(out / COMPARISON_MD, markdown),

@@ -7,6 +7,9 @@ declares, so ``strategies[1].k`` errors name the plugin's own keys.
 from __future__ import annotations
 
 import copy
+import math
+import re
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -19,24 +22,47 @@ from cl_proxyfda.prompt_learner import PromptLearnerConfig
 from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
 
 
+# Bounds shared by the schema (and the strategies' Params): seeds fit numpy's 32-bit
+# seeding, batch sizes and step counts stay far below what a machine can hold.
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 65536
+MAX_STEPS = 10_000_000
+NAME_MAX_BYTES = 255  # one path component on Linux / macOS file systems
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: NaN and +-inf are refused in every float field
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+def check_folder_name(v: str) -> str:
+    """A plain folder name: not empty, no path separator, not . or .., at most 255 bytes."""
+    if not v or "/" in v or "\\" in v or "\0" in v or v in (".", ".."):
+        raise ValueError(f"must be a plain folder name (got {v!r})")
+    if len(v.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        raise ValueError(f"must be at most {NAME_MAX_BYTES} bytes long as a folder name (got {len(v)} characters)")
+    return v
 
 
 class RunSection(_Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    output_dir: str = "runs"
+    output_dir: str = Field("runs", min_length=1)
     teacher_half: bool = Field(False, description="keep frozen teachers in half precision on CUDA")
-    threads: Optional[int] = Field(None, gt=0, description="CPU threads for torch (default: torch's choice)")
+    threads: Optional[int] = Field(None, gt=0, le=4096, description="CPU threads for torch (default: torch's choice)")
 
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v in (".", ".."):
-            raise ValueError(f"must be a plain folder name (got {v!r})")
+        return check_folder_name(v)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _no_nul(cls, v: str) -> str:
+        if "\0" in v:
+            raise ValueError("must not contain a NUL character")
         return v
 
 
@@ -63,19 +89,19 @@ class TrainSection(_Strict):
     lr: float = Field(1e-5, gt=0)
     lr_per_task: dict[str, float] = Field(default_factory=dict, description="task name -> lr override")
     weight_decay: float = Field(0.0, ge=0)
-    iterations: Optional[int] = Field(None, gt=0, description="optimizer steps per experience (default 100)")
-    epochs: Optional[int] = Field(None, gt=0, description="alternative to iterations")
-    batch_size: int = Field(32, gt=0)
-    warmup: int = Field(0, ge=0, description="linear warm-up steps, then the schedule")
+    iterations: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="optimizer steps per experience (default 100)")
+    epochs: Optional[int] = Field(None, gt=0, le=100_000, description="alternative to iterations")
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH)
+    warmup: int = Field(0, ge=0, le=MAX_STEPS, description="linear warm-up steps, then the schedule")
     schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, le=256)
     sampler: Literal["auto", "random", "class_balanced"] = Field(
         "auto", description="auto: class_balanced (m = batch_size / images_per_class) when fda/proxy_fda is in the run, else random"
     )
-    classes_per_batch: Optional[int] = Field(None, gt=0, description="class_balanced sampler: m (default batch_size / images_per_class)")
-    images_per_class: int = Field(4, gt=0, description="class_balanced sampler: n")
+    classes_per_batch: Optional[int] = Field(None, gt=0, le=MAX_BATCH, description="class_balanced sampler: m (default batch_size / images_per_class)")
+    images_per_class: int = Field(4, gt=0, le=MAX_BATCH, description="class_balanced sampler: n")
     hard_class_mining: bool = True
     mining_temperature: float = Field(0.5, gt=0, description="hard mining softness, in standard deviations of a class's similarities")
     augment: bool = Field(True, description="use the model's training augmentation (false: the eval transform)")
@@ -84,17 +110,17 @@ class TrainSection(_Strict):
     @classmethod
     def _positive_lrs(cls, v: dict[str, float]) -> dict[str, float]:
         for task, lr in v.items():
-            if lr <= 0:
+            if not lr > 0:
                 raise ValueError(f"lr for task {task!r} must be > 0 (got {lr})")
         return v
 
 
 class EvalSection(_Strict):
     control: bool = True
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, le=MAX_BATCH)
     every_experience: bool = True
     retrieval: bool = Field(False, description="image-to-image retrieval mAP@k and Recall@1 per task as extra matrices")
-    retrieval_k: int = Field(20, gt=0, description="cut-off k of mAP@k")
+    retrieval_k: int = Field(20, gt=0, le=1_000_000, description="cut-off k of mAP@k")
 
 
 class WandbSection(_Strict):
@@ -112,7 +138,7 @@ class LoggingSection(_Strict):
 
 class CheckpointSection(_Strict):
     enabled: bool = True
-    keep_last: int = Field(2, gt=0)
+    keep_last: int = Field(2, gt=0, le=10_000)
 
 
 FDA_FAMILY = ("fda", "proxy_fda")  # plugins that build a kNN graph on each batch
@@ -121,7 +147,7 @@ FDA_FAMILY = ("fda", "proxy_fda")  # plugins that build a kNN graph on each batc
 class NamedComponent(BaseModel):
     """``{name: ..., other keys}``: the other keys are the component's arguments."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
 
     @property
@@ -178,9 +204,22 @@ def _loc_to_path(loc: tuple[Any, ...], prefix: str = "") -> str:
     return path
 
 
+# pydantic's loc parts that name a validator or a union member, not a key
+_TAG_LOC = re.compile(r"^(function-.*|literal_error|float|int|str|bool|none|(literal|list|dict|tuple|union)\[.*\])$")
+
+
+def shorten(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (error lines stay one short line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"<a number of more than {sys.get_int_max_str_digits()} digits>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...{text[-12:]} ({len(text)} characters)"
+
+
 def format_error(err: Any, prefix: str = "") -> ConfigError:
     """One pydantic error as a ``key.path: problem`` line."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("literal_error",))))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _TAG_LOC.match(p)))
     path = _loc_to_path(loc, prefix)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -191,8 +230,9 @@ def format_error(err: Any, prefix: str = "") -> ConfigError:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     given = err.get("input")
-    if kind not in ("model_type", "dict_type") and not isinstance(given, (dict, list)):
-        msg = f"{msg} (got {given!r})"
+    # validators that quote the value themselves already say "(got ...)"
+    if kind not in ("model_type", "dict_type") and not isinstance(given, (dict, list)) and "(got " not in msg:
+        msg = f"{msg} (got {shorten(given)})"
     return ConfigError(path, msg.replace("\n", " "))
 
 
@@ -201,8 +241,89 @@ def first_error(exc: ValidationError, prefix: str = "") -> ConfigError:
 
 
 # ------------------------------------------------------------------- loading
+MAX_YAML_VALUES = 100_000  # values of a document once its aliases are expanded
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (the second would silently win)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line = key, line
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Keys brought in by a merge (``<<: *defaults``) may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_size(data: Any, limit: int = MAX_YAML_VALUES) -> int:
+    """Number of values in ``data`` with aliases expanded; ``ValueError`` when an alias
+    refers to itself or the expansion passes ``limit`` (a "billion laughs" document)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ValueError("an alias refers to the mapping or list that contains it")
+        active.add(key)
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                raise ValueError(f"aliases expand it to more than {limit:,} values")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(data)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate keys and exploding aliases."""
+    try:
+        loader = StrictSafeLoader(text)  # a SafeLoader: no Python object tags
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+        raise yaml.YAMLError(f"a value cannot be read ({str(exc).split(':')[0]})") from None
+    try:
+        yaml_size(data)
+    except RecursionError:
+        raise yaml.YAMLError("the document nests too deeply") from None
+    except ValueError as exc:
+        raise yaml.YAMLError(str(exc)) from None
+    return data
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; errors name the file."""
+    """Read a YAML mapping with a safe loader; errors name the file (and the line)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError("", f"config file {p} does not exist")
@@ -212,8 +333,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"config file {p} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError("", f"config file {p} cannot be read: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError("", f"config file {p}: duplicate key {exc.key!r} at line {exc.line}") from None
+    except RecursionError:
+        raise ConfigError("", f"config file {p} is not valid YAML: it nests too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -237,8 +364,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not parts:
             raise ConfigError("--set", f"empty key in {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(raw) if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError):
             raise ConfigError(key, f"--set value {raw!r} is not valid YAML") from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
@@ -285,6 +412,23 @@ def _validate_component(kind_registry: Any, comp: NamedComponent, path: str, cfg
             raise ConfigError(f"{path}.{key}", problem) from None
 
 
+def check_numbers(data: Any, path: str = "") -> None:
+    """Every number anywhere in ``data`` is finite and fits in 64 bits (a net under the
+    schema's own bounds, also for arguments that components take as free-form keys)."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_numbers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            check_numbers(value, f"{path}[{i}]")
+    elif isinstance(data, bool):
+        return
+    elif isinstance(data, int) and not -(2**63) <= data < 2**63:
+        raise ConfigError(path, f"{shorten(data)} is out of range (numbers must fit in 64 bits)")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(path, f"must be a finite number (got {data})")
+
+
 def parse_config(data: dict[str, Any]) -> RunConfig:
     """Validate a raw mapping into a RunConfig, components included."""
     problems = config_problems(data)
@@ -301,7 +445,10 @@ def config_problems(data: dict[str, Any]) -> list[ConfigError]:
     """
     load_builtin_components()
     try:
+        check_numbers(data)
         cfg = RunConfig(**data)
+    except ConfigError as exc:
+        return [exc]
     except ValidationError as exc:
         return [format_error(err) for err in exc.errors()]
     except TypeError as exc:  # keys that are not strings

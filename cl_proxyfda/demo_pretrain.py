@@ -201,8 +201,21 @@ def pretrain_demo(
     """
     from tqdm.auto import tqdm
 
+    from cl_proxyfda.errors import UserError
+
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("language_batch", language_batch), ("eval_per_class", eval_per_class)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"pretrain-demo {key}: must be a positive integer (got {value!r})")
+    if not 0 <= seed < 2**32:
+        raise UserError(f"pretrain-demo seed: must be >= 0 and < 2**32 (got {seed})")
+    if not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"pretrain-demo lr: must be a finite number > 0 (got {lr})")
+    from cl_proxyfda.runfolder import make_output_folder
+
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_path.parent, "pretrain-demo --out")
+    if out_path.is_dir():
+        raise UserError(f"pretrain-demo --out: {out_path} is a folder; name the .safetensors file to write")
     register_model_configs()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cl_proxyfda import metrics
-from cl_proxyfda.results import safe_name, atomic_write_bytes
+from cl_proxyfda.results import MAX_MATRIX_TASKS, safe_name, atomic_write_bytes
 
 if TYPE_CHECKING:
     from cl_proxyfda.results import RunResults
@@ -113,10 +113,11 @@ def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
     total = results.num_tasks
     ax.set_xlim(-0.3, total + 0.3)
     ax.set_ylim(0.0, 102.0)
-    ax.set_xticks(range(total + 1),
-                  labels=[f"{i}\n{results.row_label(i)}" for i in range(total + 1)],
-                  fontsize=7, rotation=0 if total <= 6 else 45,
-                  ha="center" if total <= 6 else "right")
+    if total <= MAX_MATRIX_TASKS:  # beyond, matplotlib's own integer ticks
+        ax.set_xticks(range(total + 1),
+                      labels=[f"{i}\n{results.row_label(i)}" for i in range(total + 1)],
+                      fontsize=7, rotation=0 if total <= 6 else 45,
+                      ha="center" if total <= 6 else "right")
     ax.set_xlabel("experience")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -129,16 +130,33 @@ def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
     return _save(fig, path)
 
 
+# Heatmaps grow with the task count (one labelled cell per row x task); past this many
+# tasks they would be too large to draw and are left out (the CSV files hold the values).
+MAX_HEATMAP_TASKS = MAX_MATRIX_TASKS
+
+
+def plot_files(results: "RunResults", run_dir: str | Path) -> list[Path]:
+    """The PNG files :func:`render_all` writes for ``results`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    files = [run_dir / "stability_plasticity.png"]
+    if results.num_tasks <= MAX_HEATMAP_TASKS:
+        files.insert(0, run_dir / "accuracy_matrix.png")
+        files += [run_dir / f"{safe_name(name)}_matrix.png" for name in results.extra_matrices]
+    return files
+
+
 def render_all(results: "RunResults", run_dir: str | Path) -> list[Path]:
     """Write ``accuracy_matrix.png``, ``stability_plasticity.png`` and one
-    ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths."""
+    ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths.
+    Heatmaps are left out for more than :data:`MAX_HEATMAP_TASKS` tasks."""
     run_dir = Path(run_dir)
-    written = [
-        plot_accuracy_matrix(results, run_dir / "accuracy_matrix.png"),
-        plot_stability_plasticity(results, run_dir / "stability_plasticity.png"),
-    ]
-    for name in results.extra_matrices:
-        written.append(
-            plot_accuracy_matrix(results, run_dir / f"{safe_name(name)}_matrix.png", name=name)
-        )
+    written = []
+    if results.num_tasks <= MAX_HEATMAP_TASKS:
+        written.append(plot_accuracy_matrix(results, run_dir / "accuracy_matrix.png"))
+    written.append(plot_stability_plasticity(results, run_dir / "stability_plasticity.png"))
+    if results.num_tasks <= MAX_HEATMAP_TASKS:
+        for name in results.extra_matrices:
+            written.append(
+                plot_accuracy_matrix(results, run_dir / f"{safe_name(name)}_matrix.png", name=name)
+            )
     return written

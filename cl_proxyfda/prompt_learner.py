@@ -49,8 +49,8 @@ INIT_STD = 0.02
 class PromptLearnerConfig(BaseModel):
     """``model.prompt_learner``: learnable prompt context (CoOp)."""
 
-    model_config = ConfigDict(extra="forbid")
-    n_ctx: int = Field(16, ge=1, description="context vectors per prompt (a phrase init sets it to the phrase's token count)")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    n_ctx: int = Field(16, ge=1, le=1024, description="context vectors per prompt (a phrase init sets it to the phrase's token count)")
     class_specific: bool = Field(False, description="one context per class (CSC) instead of one shared context")
     init: str = Field("random", description="'random' (N(0, 0.02^2)) or a phrase such as 'a photo of a'")
 

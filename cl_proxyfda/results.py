@@ -43,6 +43,9 @@ METRICS_FILE = "metrics.json"
 MATRIX_CSV = "accuracy_matrix.csv"
 SUMMARY_TXT = "summary.txt"
 FORMAT = "cl-proxyfda.results/1"
+# Text tables and heatmaps show the matrix for at most this many tasks (the CSV files
+# always hold every value).
+MAX_MATRIX_TASKS = 100
 EXTRA_SUMMARY_KEYS = (
     "transfer", "avg", "last", "bwt", "forgetting_avalanche", "forgetting_max", "plasticity",
 )
@@ -313,12 +316,15 @@ class RunResults:
             raise UserError(f"{path}: cannot read ({exc})") from exc
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise UserError(f"{path}: not a cl-proxyfda metrics file (it nests too deeply)") from None
         if not isinstance(data, dict) or not isinstance(data.get("task_names"), list):
             raise UserError(f"{path}: not a cl-proxyfda metrics file (no 'task_names' list)")
         try:
             return cls.from_dict(data)
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:
-            raise UserError(f"{path}: malformed results ({exc})") from exc
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError, RecursionError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"{path}: malformed results ({first})") from None
 
     # -- display ---------------------------------------------------------------------
 
@@ -338,13 +344,18 @@ class RunResults:
             return "\n".join(lines)
 
         lines.append("")
-        lines.extend(self._format_matrix(self.rows, "Accuracy (%)", with_control=True))
+        wide = self.num_tasks > MAX_MATRIX_TASKS
+        if wide:
+            lines.append(f"Accuracy matrix: {len(self.rows)} rows x {self.num_tasks} tasks, too wide to show (see {MATRIX_CSV})")
+        else:
+            lines.extend(self._format_matrix(self.rows, "Accuracy (%)", with_control=True))
         s = self.summary()
         lines.append("")
         lines.extend(_format_summary(s))
         for extra_name, rows in self.extra_matrices.items():
             lines.append("")
-            lines.extend(self._format_matrix(rows, extra_name, with_control=False))
+            if not wide:
+                lines.extend(self._format_matrix(rows, extra_name, with_control=False))
             es = s["extra"][extra_name]
             lines.append(
                 f"  Transfer {_fmt(es['transfer'])}   Avg {_fmt(es['avg'])}   "
@@ -422,6 +433,9 @@ def report(run_dir: str | Path) -> tuple[str, list[Path]]:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
     results = RunResults.load(run_dir)
+    for target in [run_dir / SUMMARY_TXT, *plots.plot_files(results, run_dir)]:
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            raise UserError(f"{target}: exists and is not a regular file; move it away to re-render the report")
     table = results.format_table()
     written = [atomic_write_text(run_dir / SUMMARY_TXT, table + "\n")]
     written.extend(plots.render_all(results, run_dir))

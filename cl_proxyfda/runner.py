@@ -1,8 +1,11 @@
 """The runner: a validated RunConfig in, a run folder with results out.
 
 Flow per run: build stream, model and plugins (any bad input fails here, before a file
-is written) -> evaluate row 0 -> for each experience: train once, evaluate every task
-and the control set, save results, plots and a checkpoint -> summary table.
+is written) -> lock the run folder -> evaluate row 0 -> for each experience: train once,
+evaluate every task and the control set, save results, plots and a checkpoint ->
+summary table. ``--resume`` continues only a folder written with the same resolved
+config (see :mod:`cl_proxyfda.runfolder`) and first rewrites the results files from the
+checkpoint.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ from torch import nn
 from cl_proxyfda import checkpoint as ckpt
 from cl_proxyfda.config import RunConfig
 from cl_proxyfda.distributed import DistContext, barrier, init_distributed
-from cl_proxyfda.errors import UserError
+from cl_proxyfda.errors import TrainingDiverged, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
+from cl_proxyfda.runfolder import FolderLock, check_output_folder, check_same_config, make_output_folder
 from cl_proxyfda.teacher import TeacherBank, unwrap
 from cl_proxyfda.training import CLStrategy
 
@@ -86,6 +90,10 @@ class ProgressPlugin(SupervisedPlugin):
                 self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}")
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the bar (also when training stops early), so later lines start clean."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -233,14 +241,34 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
     return Run(cfg, out, stream, model, strategy, plugins, benchmark, evaluator, device, amp, dist=ctx)
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UserError(f"output folder: {folder} exists and is not a folder")
-            break
+def _check_out_dir(out: Path, resume: bool, cfg: RunConfig | None = None) -> None:
+    """The output path can be a run folder; without ``resume`` it holds no run; with
+    ``resume`` a run in it was written with the same resolved config. Writes nothing."""
+    check_output_folder(out)
     if not resume and out.is_dir() and any((out / name).exists() for name in ("metrics.json", "checkpoints", "config.yaml")):
         raise UserError(f"--out: {out} already holds a run; pass --resume to continue it or choose another folder")
+    if resume and cfg is not None and out.is_dir():
+        check_same_config(out, cfg.to_dict())
+
+
+def _lock_run_folder(run: "Run") -> FolderLock | None:
+    """Create the run folder and lock it on rank 0; every rank fails when rank 0 cannot."""
+    lock, error = None, None
+    if run.dist.is_main:
+        try:
+            make_output_folder(run.out_dir)
+            lock = FolderLock(run.out_dir).acquire()
+        except UserError as exc:
+            error = exc
+    if run.dist.enabled:
+        from cl_proxyfda.distributed import sum_across
+
+        failed = sum_across([1.0 if error is not None else 0.0], run.device)[0]
+        if failed and error is None:
+            error = UserError(f"run folder: rank 0 could not take the lock of {run.out_dir}")
+    if error is not None:
+        raise error
+    return lock
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -294,13 +322,25 @@ def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
     """Train through the stream, evaluating after each experience; returns RunResults.
 
     ``quiet`` suppresses the per-experience lines and the final table (comparisons).
+    The run folder is locked (``.lock``) for the life of the call.
     """
-    from cl_proxyfda.results import RunResults
-
     cfg = run.config
     out = run.out_dir
-    _check_out_dir(out, resume)
+    _check_out_dir(out, resume, cfg)
     barrier()  # every process checked the folder before rank 0 writes into it
+    lock = _lock_run_folder(run)
+    try:
+        return _execute_locked(run, resume, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
+    from cl_proxyfda.results import RunResults
+
+    cfg, out = run.config, run.out_dir
+    _check_out_dir(out, resume, cfg)  # again, now that no other run can write here
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     ckpt_dir = out / "checkpoints"
@@ -308,11 +348,13 @@ def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
     start = 0
     state = ckpt.load_latest_checkpoint(ckpt_dir) if resume else None
     if state is not None:
+        check_same_config(out, cfg.to_dict(), fallback=state.get("config"))
         _restore(run, state, ckpt_dir)
         results = RunResults.from_dict(state["results"])
         start = int(state["experience"])
+    elif resume and run.dist.is_main and not quiet and any((out / n).exists() for n in ("metrics.json", "config.yaml", "checkpoints")):
+        print(f"resume: no checkpoint in {ckpt_dir}; starting {out} again from the first experience", file=sys.stderr)
     if run.dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.logger = _make_logger(run)
     barrier()
@@ -320,7 +362,14 @@ def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
     try:
         results = _train_stream(run, results, start, quiet)
         exit_code = 0
+    except TrainingDiverged as exc:
+        kept = ckpt.list_checkpoints(ckpt_dir) if run.dist.is_main else []
+        exc.checkpoint = kept[-1] if kept else None  # type: ignore[attr-defined]
+        raise
     finally:
+        for plugin in run.strategy.plugins:
+            if isinstance(plugin, ProgressPlugin):
+                plugin.close()
         if run.logger is not None:
             run.logger.finish(exit_code=exit_code)
     return results
@@ -328,6 +377,13 @@ def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
 
 def _restore(run: Run, state: dict[str, Any], ckpt_dir: Path) -> None:
     cfg = run.config
+    n = len(run.stream.tasks)
+    done = state["experience"]
+    if not 1 <= done <= n:
+        raise UserError(f"checkpoint in {ckpt_dir} is after experience {done}, the stream has experiences 1..{n}")
+    rows = state["results"].get("rows") if isinstance(state.get("results"), dict) else None
+    if not isinstance(rows, list) or len(rows) != done + 1 or state["results"].get("task_names") != run.task_names:
+        raise UserError(f"checkpoint in {ckpt_dir} holds results that do not match experience {done} of tasks {run.task_names}")
     if state.get("model_name") != cfg.model.name:
         raise UserError(f"checkpoint in {ckpt_dir} is for model {state.get('model_name')!r}, the config names {cfg.model.name!r}")
     model = unwrap(run.model)
@@ -363,6 +419,8 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
             logger.log_row(results, 0)
     else:
         say(f"resuming {out} after experience {start}/{n}")
+        if main:  # the checkpoint's rows replace whatever results files the folder has
+            results.save(out)
     for i in range(start, n):
         t_exp = time.time()
         torch.manual_seed(cfg.run.seed * 1_000_003 + i)
@@ -381,7 +439,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
             ckpt.save_checkpoint(
                 out / "checkpoints",
                 i + 1,
-                {"model": unwrap(run.model).state_dict(), "model_name": cfg.model.name, "plugins": _plugin_states(run.plugins), "results": results.to_dict()},
+                {"model": unwrap(run.model).state_dict(), "model_name": cfg.model.name, "plugins": _plugin_states(run.plugins), "results": results.to_dict(), "config": cfg.to_dict()},
                 keep_last=cfg.checkpoint.keep_last,
             )
         barrier()  # the checkpoint of this experience exists for every process
@@ -448,5 +506,7 @@ def _make_logger(run: Run) -> Any:
 
 def run_config(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> Any:
     """Build and execute a run (the Python entry point behind ``cl-proxyfda run``)."""
+    # the folder checks first: a wrong folder or a changed config fails before the build
+    _check_out_dir(Path(out_dir) if out_dir is not None else Path(cfg.run.output_dir) / cfg.run.name, resume, cfg)
     run = build_run(cfg, out_dir)
     return execute(run, resume=resume, quiet=quiet)

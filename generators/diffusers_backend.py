@@ -180,14 +180,14 @@ class DiffusersGenerator:
 class DiffusersParams(BaseModel):
     """YAML arguments of the ``diffusers`` generator."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(SD15, description="hub id or local folder of a text-to-image pipeline")
     scheduler: Literal["dpm", "ddim", "euler"] | None = Field(None, description="null: the pipeline's own scheduler")
-    steps: int = Field(50, ge=1)
+    steps: int = Field(50, ge=1, le=10_000)
     guidance: float = Field(7.5, ge=0)
-    batch_size: int = Field(8, ge=1)
-    height: int | None = Field(None, ge=8)
-    width: int | None = Field(None, ge=8)
+    batch_size: int = Field(8, ge=1, le=65536)
+    height: int | None = Field(None, ge=8, le=8192)
+    width: int | None = Field(None, ge=8, le=8192)
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     device: str = Field("auto", description="auto: the run's device, else CUDA when present")
     drop_black: bool = True

@@ -153,7 +153,7 @@ class WorldRenderer:
 class WorldRendererParams(BaseModel):
     """YAML arguments of the ``world`` generator."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     image_size: int = Field(32, ge=8, le=512, description="image side in pixels (the demo model takes 32)")
     noise_std: float = Field(30.0, ge=0, description="pixel noise of prompts asking for a noisy/grainy image")
 

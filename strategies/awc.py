@@ -117,12 +117,12 @@ def release_synthetic_terms(strategy: Any) -> None:
 class AWCParams(BaseModel):
     """Options of the ``awc`` strategy (methods.md section 3)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1.0, ge=0, description="lambda in lambda * sum F (theta - theta_prev)^2")
     eps: float = Field(AWC_EPS, gt=0, description="added to mean(g^2) in F = g^2 / (mean(g^2) + eps)")
     tiny: float = Field(TINY_IMPORTANCE, ge=0, description="importance of tensors without gradient and of logit_scale")
     mode: Literal["adaptive", "static"] = Field("adaptive", description="adaptive: F from every iteration; static: mean of the first k, then frozen")
-    static_iterations: int = Field(100, ge=1, description="k of the static mode")
+    static_iterations: int = Field(100, ge=1, le=10_000_000, description="k of the static mode")
     loss_source: Literal["gift", "strategy"] = Field(
         "gift",
         description="gift: the synthetic loss the gift strategy publishes; strategy: strategy.synthetic_loss, "

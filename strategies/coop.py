@@ -89,20 +89,20 @@ def graph_mismatch(z: Tensor, zh: Tensor, k: int) -> float:
 class CoOpParams(BaseModel):
     """``coop`` takes no options (prompt options live in ``model.prompt_learner``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PromptFDAParams(BaseModel):
     """Options of Proxy-FDA on class text embeddings (``prompt_fda``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1.0, ge=0, description="lambda, the weight of the FDA loss")
-    k: int = Field(8, ge=1, description="K neighbours in the reference graph (capped at anchors - 1)")
+    k: int = Field(8, ge=1, le=65536, description="K neighbours in the reference graph (capped at anchors - 1)")
     min_anchors: int = Field(
         64, ge=0, description="fill the anchor set up to this many nodes with base concepts (shared context only; 0: task classes only)"
     )
     proxies: bool = Field(True, description="add generated proxies (false: plain FDA)")
-    n_proxies: int = Field(4, ge=1, description="proxies per positive and per negative set")
+    n_proxies: int = Field(4, ge=1, le=65536, description="proxies per positive and per negative set")
     tau_init: float = Field(0.1, gt=0, description="initial temperature tau (log-parametrised)")
     bias_init: float = Field(0.0, description="initial bias b")
     learn_tau_bias: bool = Field(True, description="learn tau and b (false: keep them fixed)")
@@ -111,7 +111,7 @@ class PromptFDAParams(BaseModel):
     generator_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the proxy generator")
     generator_alpha: float = Field(1.0, ge=0, description="weight of the diversity term in the generator loss")
     generator_temperature: float = Field(0.1, gt=0, description="temperature of the generator's InfoNCE terms")
-    seed: int = Field(0, description="seed of the base-concept anchor draws")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the base-concept anchor draws")
 
 
 # --------------------------------------------------------------------------- core

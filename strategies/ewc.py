@@ -11,7 +11,7 @@ from cl_proxyfda.registry import STRATEGIES
 
 
 class EWCParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     ewc_lambda: float = Field(100.0, ge=0)
     mode: Literal["separate", "online"] = "separate"
     decay_factor: Optional[float] = Field(None, ge=0, le=1, description="online mode only")

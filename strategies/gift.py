@@ -59,7 +59,7 @@ from cl_proxyfda.teacher import teacher_bank, unwrap
 class GeneratorChoice(BaseModel):
     """``{name: <generator backend>, ...its arguments}``, checked against the registry."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str = "diffusers"
 
     @property
@@ -87,10 +87,10 @@ class GeneratorChoice(BaseModel):
 class GIFTParams(BaseModel):
     """Options of the ``gift`` strategy (defaults: the paper's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     generator: GeneratorChoice = Field(default_factory=GeneratorChoice, description="text-to-image backend: {name: diffusers|..., args}")
-    images_per_experience: int = Field(1000, ge=1, description="N synthetic image-prompt pairs per experience")
-    synthetic_batch_size: int = Field(64, ge=2, description="synthetic pairs per iteration (beside the real batch)")
+    images_per_experience: int = Field(1000, ge=1, le=10_000_000, description="N synthetic image-prompt pairs per experience")
+    synthetic_batch_size: int = Field(64, ge=2, le=65536, description="synthetic pairs per iteration (beside the real batch)")
     kd_weight: float = Field(1.0, ge=0, description="weight of the contrastive distillation L_KD")
     ita_weight: float = Field(0.25, ge=0, description="weight of the image-text alignment L_ITA")
     kd_temperature: float = Field(KD_TEMPERATURE, gt=0, description="T of L_KD")
@@ -106,7 +106,7 @@ class GIFTParams(BaseModel):
     cache_dir: str | None = Field(None, description="synthetic cache root (default: <run.output_dir>/synthetic)")
     cache_teacher: bool = Field(True, description="teacher embeddings of the synthetic set once per experience (false: per batch)")
     paper_doubled_weights: bool = Field(False, description="double KD, ITA and AWC as the code at the time of the paper effectively did")
-    seed: int = Field(0, description="seed of the prompt draw and of the image seeds (fixed: runs share one synthetic set)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the prompt draw and of the image seeds (fixed: runs share one synthetic set)")
 
     @model_validator(mode="after")
     def _template_has_placeholder(self) -> "GIFTParams":

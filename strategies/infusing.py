@@ -820,7 +820,7 @@ class InfusingPlugin(CLPlugin):
 
 # --------------------------------------------------------------------- configs
 class HeadParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     init: Literal["text", "random"] = Field("text", description="[choice] cosine head from the class-prompt text embeddings, or random (paper)")
     scale: float = Field(16.0, gt=0, description="cosine-classifier logit scale")
     lr: float = Field(1e-3, gt=0, description="learning rate of the head's parameter group")
@@ -829,37 +829,37 @@ class HeadParams(BaseModel):
 
 
 class GenericParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     source: Literal["reference", "control", "folder"] = Field("reference", description="generic images: the stream's reference images, its control test set, or a folder")
     root: str | None = Field(None, description="source folder: images under root, labelled by parent folder")
     weight: float | Literal["auto"] = Field("auto", description="lambda_d; auto = 1000 * D / 768")
     mode: Literal["alternate", "joint"] = Field("alternate", description="one source per batch (paper) or both every iteration")
-    generic_every: int = Field(2, ge=2, description="alternate: iteration k is generic when (k + 1) % generic_every == 0")
-    batch_size: int | None = Field(None, gt=0, description="generic batch size (default train.batch_size)")
+    generic_every: int = Field(2, ge=2, le=10_000_000, description="alternate: iteration k is generic when (k + 1) % generic_every == 0")
+    batch_size: int | None = Field(None, gt=0, le=65536, description="generic batch size (default train.batch_size)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="generic images held out for model selection")
     limit: int | None = Field(None, gt=0, description="use at most this many generic images (seeded)")
 
 
 class L2Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1e4, ge=0, description="lambda_w of sum over tensors of mean((theta - theta_0)^2)")
     anchor: Literal["pretrained", "previous"] = "pretrained"
 
 
 class SelectParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    every: int = Field(50, ge=1, description="evaluate every this many optimizer steps (and after the last)")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    every: int = Field(50, ge=1, le=10_000_000, description="evaluate every this many optimizer steps (and after the last)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="class-stratified share of each task's training data held out")
     generic_score: Literal["auto", "knn", "alignment"] = Field(
         "auto", description="generic validation score: k-NN accuracy, mean cosine to the pre-trained embeddings, or auto (knn with 2+ labels)"
     )
-    knn_k: int = Field(10, ge=1)
+    knn_k: int = Field(10, ge=1, le=65536)
     include_start: bool = Field(False, description="also score the start-of-experience weights")
     cache_mb: float = Field(512.0, ge=0, description="keep preprocessed validation inputs in memory up to this size")
 
 
 class InfusingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     head: HeadParams | None = Field(default_factory=HeadParams, description="null: keep the zero-shot text-head loss")
     generic: GenericParams | None = Field(default_factory=GenericParams, description="null: no generic batches")
     l2: L2Params | None = Field(default_factory=L2Params, description="null: no weight regulariser")

@@ -11,7 +11,7 @@ from cl_proxyfda.strategies.anchors import AnchoredPenaltyPlugin
 
 
 class L2SPParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(0.5, ge=0, description="alpha in alpha * sum ||theta - theta_0||^2")
     anchor: Literal["pretrained", "previous"] = "pretrained"
 

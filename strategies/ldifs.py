@@ -12,7 +12,7 @@ from cl_proxyfda.teacher import student_outputs, teacher_outputs, unwrap
 
 
 class LDIFSParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(10.0, ge=0, description="alpha (LDIFS uses 10)")
     layers: list[str] | Literal["auto", "embed"] = Field(
         "auto",

@@ -12,7 +12,7 @@ from cl_proxyfda.teacher import unwrap
 
 
 class LwFParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     alpha: float = Field(1.0, ge=0, description="distillation weight")
     temperature: float = Field(2.0, gt=0)
 

@@ -10,7 +10,7 @@ from cl_proxyfda.strategies.base import CLPlugin
 
 
 class NaiveParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class NaivePlugin(CLPlugin):

@@ -81,9 +81,9 @@ class FDAParams(BaseModel):
     non-neighbours most similar in the reference space, they would be pushed hardest).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1.0, ge=0, description="lambda, the weight of the FDA loss (tune per setting)")
-    k: int = Field(8, ge=1, description="K neighbours in the reference-space graph; must be < batch size and > images per class")
+    k: int = Field(8, ge=1, le=65536, description="K neighbours in the reference-space graph; must be < batch size and > images per class")
     tau_init: float = Field(0.1, gt=0, description="temperature tau (log-parametrised) [choice: 0.1, see the class docstring]")
     bias_init: float = Field(-10.0, description="bias b of S / tau + b [choice: -10, SigLIP's initialisation, see the class docstring]")
     learn_tau_bias: bool = Field(False, description="learn tau and b by minimising the loss [choice: false, it can flatten the regulariser]")
@@ -94,7 +94,7 @@ class FDAParams(BaseModel):
     reference: Literal["pretrained", "previous"] = Field("pretrained", description="the frozen reference f0")
     neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
     graph: Literal["batch", "bank"] = Field("batch", description="neighbours from the batch, or from a bank of the experience's training set")
-    bank_batch_size: int = Field(256, ge=1, description="graph: bank: batch size of the feature pass over the training set")
+    bank_batch_size: int = Field(256, ge=1, le=65536, description="graph: bank: batch size of the feature pass over the training set")
     same_class: Literal["neutral", "push"] = Field(
         "neutral",
         description="same-class batch members outside the K neighbours: left out of the loss [choice] or pushed apart like any non-neighbour",
@@ -119,7 +119,7 @@ class ProxyFDAParams(FDAParams):
     """Options of Proxy-FDA (FDA plus generated proxies)."""
 
     proxies: bool = Field(True, description="add generated proxies (false: plain FDA)")
-    n_proxies: int = Field(4, ge=1, description="proxies per positive and per negative set")
+    n_proxies: int = Field(4, ge=1, le=65536, description="proxies per positive and per negative set")
     generator_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the proxy generator")
     generator_alpha: float = Field(1.0, ge=0, description="weight of the diversity term in the generator loss")
     generator_temperature: float = Field(0.1, gt=0, description="temperature of the generator's InfoNCE terms")

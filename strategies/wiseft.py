@@ -12,7 +12,7 @@ from cl_proxyfda.teacher import teacher_bank, unwrap
 
 
 class WiSEFTParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     alpha: float = Field(0.5, ge=0, le=1, description="theta = (1 - alpha) theta_0 + alpha theta")
     when: Literal["every_experience", "end"] = "every_experience"
 

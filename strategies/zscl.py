@@ -86,14 +86,14 @@ from cl_proxyfda.teacher import teacher_bank, unwrap
 class ZSCLParams(BaseModel):
     """Options of the ``zscl`` strategy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1.0, ge=0, description="weight of the reference-logit distillation")
     temperature: float = Field(ZSCL_TEMPERATURE, gt=0)
     image_to_text: bool = Field(True, description="distil the image-to-text logits (rows)")
     text_to_image: bool = Field(True, description="distil the text-to-image logits (columns)")
     l2_weight: float = Field(1.0, ge=0, description="weight of sum ||theta - theta_start||^2 (start-of-experience weights)")
     weight_ensemble: bool = Field(True, description="running average of the weights, loaded at the end of the experience")
-    ensemble_every: int = Field(WEIGHT_ENSEMBLE_EVERY, ge=1, description="iterations between two snapshots of the average")
+    ensemble_every: int = Field(WEIGHT_ENSEMBLE_EVERY, ge=1, le=10_000_000, description="iterations between two snapshots of the average")
     reference: Literal["stream", "folder"] = Field("stream", description="stream: the stream's reference images; folder: reference_folder")
     reference_folder: str | None = Field(None, description="image folder (searched recursively) with reference: folder")
     reference_classnames: str | None = Field(None, description="text file, one class name a line: the reference texts")
@@ -101,9 +101,9 @@ class ZSCLParams(BaseModel):
         "auto", description="auto: reference_classnames if given, else the stream's base concepts, else ImageNet's classes"
     )
     template: str = Field(BASE_TEMPLATE, description="template of the reference texts")
-    batch_size: int = Field(64, ge=1, description="reference images per iteration")
+    batch_size: int = Field(64, ge=1, le=65536, description="reference images per iteration")
     texts_per_batch: int | None = Field(
-        None, ge=2, description="reference texts drawn per iteration (default: all of them at every iteration, as in ZSCL's code)"
+        None, ge=2, le=65536, description="reference texts drawn per iteration (default: all of them at every iteration, as in ZSCL's code)"
     )
     student_text: Literal["teacher", "student"] = Field(
         "teacher",
@@ -111,7 +111,7 @@ class ZSCLParams(BaseModel):
         "student: the student's own (trains its text tower through the distillation)",
     )
     unique_texts: bool = Field(False, description="drop repeated reference texts (ZSCL's code keeps ImageNet's 1,000 prompts, two repeated)")
-    seed: int | None = Field(None, description="seed of the reference draws (default: the run's seed)")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed of the reference draws (default: the run's seed)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ZSCLParams":
