@@ -12,21 +12,13 @@ weight decay) and the generator (lr ``generator_lr``, AdamW's default weight dec
 
 Registered as ``proxy_fda`` (proxies on) and ``fda`` (the same plugin without proxies).
 
-Graph options (``graph``):
-
-- ``batch`` (default): ``R_i`` = the K most similar batch members of anchor i in the
-  reference space (methods.md step 3).
-- ``bank``: at the start of each experience, the reference model's features of the
-  whole training set of the experience (eval transform) go into a ``FeatureBank``. For
-  each anchor, the bank gives the similarity of its K-th nearest training image
-  (searching K + 1 and dropping the first hit, which is taken to be the anchor's own
-  image: the batch is drawn from the bank's data, and the anchor's augmented view is
-  nearest to its own clean image). A batch member j is a positive of i iff
-  ``Sh[i, j]`` reaches that similarity, i.e. j would be among i's K nearest in the
-  whole training set (at most K positives, possibly none). This needs no dataset
-  indices and only marks true global neighbours as positives, at the price of rows
-  with few positives in random batches: use it with the class-balanced, hard-mined
-  sampler.
+The graph is the in-batch kNN graph of the reference space: ``R_i`` = the K most similar
+batch members of anchor i (methods.md step 3). A ``graph: bank`` option (neighbours from a
+feature bank of the whole training set) existed and was removed: an anchor's K nearest
+training images are almost never in its batch, so it found 0.3 positives per anchor per
+batch on the demo stream (random batches 0.30, class-balanced 0.29, against 8 for the
+batch graph; BENCHMARKS.md), and it regularised less (control 23.1 vs 34.1, one seed).
+Making it work needs a sampler that brings each anchor's bank neighbours into its batch.
 """
 from __future__ import annotations
 
@@ -38,11 +30,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from cl_proxyfda.distributed import average_gradients, broadcast_from_main
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.knn import FeatureBank
 from cl_proxyfda.losses.fda import (
     ProxyGenerator,
     fda_loss,
@@ -51,7 +41,6 @@ from cl_proxyfda.losses.fda import (
     knn_graph,
     make_proxies,
     proxy_diagnostics,
-    threshold_graph,
 )
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.base import CLPlugin
@@ -93,8 +82,7 @@ class FDAParams(BaseModel):
     feature: str = Field("embed", description="'embed' (final image embedding) or a layer: ln_pre, block1, block2, ...")
     reference: Literal["pretrained", "previous"] = Field("pretrained", description="the frozen reference f0")
     neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
-    graph: Literal["batch", "bank"] = Field("batch", description="neighbours from the batch, or from a bank of the experience's training set")
-    bank_batch_size: int = Field(256, ge=1, le=65536, description="graph: bank: batch size of the feature pass over the training set")
+    graph: Literal["batch"] = Field("batch", description="the reference-space kNN graph of each batch (the only graph)")
     same_class: Literal["neutral", "push"] = Field(
         "neutral",
         description="same-class batch members outside the K neighbours: left out of the loss [choice] or pushed apart like any non-neighbour",
@@ -106,6 +94,13 @@ class FDAParams(BaseModel):
             raise ValueError(f"k: K = {self.k} neighbours need batches of more than K images (train.batch_size = {cfg.train.batch_size})")
         if cfg.sampler_layout()[0] == "class_balanced" and self.k <= cfg.train.images_per_class:
             raise ValueError(f"k: K = {self.k} must exceed train.images_per_class = {cfg.train.images_per_class}, or the graph holds only same-class images")
+
+    @field_validator("graph", mode="before")
+    @classmethod
+    def _graph_bank_removed(cls, value: Any) -> Any:
+        if value == "bank":
+            raise ValueError("graph: bank was removed: it found 0.3 positives per anchor per batch (see the strategy's docstring); use batch")
+        return value
 
     @field_validator("feature")
     @classmethod
@@ -145,7 +140,6 @@ class ProxyFDAPlugin(CLPlugin):
         self.generator: ProxyGenerator | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.dim: int | None = None
-        self.bank: FeatureBank | None = None
         self.positives_per_anchor = 0.0  # mean graph degree of the last batch (diagnostic)
         self.diagnostics: dict[str, float] = {}  # proxy diagnostics of the last experience (means)
         self._proxy_sums: dict[str, float] = {}
@@ -225,34 +219,11 @@ class ProxyFDAPlugin(CLPlugin):
         out = teacher_outputs(strategy, self.params.reference, self.needs_layers)
         return F.normalize(out["layers"][self.params.feature].float(), dim=-1)
 
-    @torch.no_grad()
-    def _bank_features(self, strategy: Any) -> Tensor:
-        """Reference features of the experience's training set, eval transform."""
-        teacher = teacher_bank(strategy).get(strategy.model, self.params.reference)
-        if self.needs_layers:
-            teacher.capture_layers(self.needs_layers)
-        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=self.params.bank_batch_size, shuffle=False)
-        param = next(teacher.parameters())
-        feats = []
-        for batch in loader:
-            teacher.last = {}
-            emb = teacher.encode_image(batch[0].to(param.device, param.dtype))
-            if self.needs_layers:
-                emb = F.normalize(teacher.last["layers"][self.params.feature], dim=-1)
-            feats.append(emb.float().cpu())
-        return torch.cat(feats)
-
-    def _graph(self, sim_h: Tensor, zh: Tensor) -> Tensor:
-        """The (B, B) positive mask of the batch (see the module docstring)."""
+    def _graph(self, sim_h: Tensor) -> Tensor:
+        """The (B, B) positive mask of the batch: each anchor's K nearest in the reference space."""
         b = sim_h.shape[0]
         k = min(self.params.k, b - 1)  # a short last batch keeps working with fewer neighbours
-        if self.params.graph == "batch":
-            return graph_mask(knn_graph(sim_h, k), b)
-        assert self.bank is not None
-        depth = min(k + 1, len(self.bank))
-        sims, _ = self.bank.search(zh, depth)
-        kth = sims[:, depth - 1].to(sim_h.device)
-        return threshold_graph(sim_h, kth, k)
+        return graph_mask(knn_graph(sim_h, k), b)
 
     # -------------------------------------------------------------- callbacks
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -263,11 +234,6 @@ class ProxyFDAPlugin(CLPlugin):
             unwrap(strategy.model).capture_layers(self.needs_layers)
         if self.params.reference == "previous":
             teacher_bank(strategy).refresh_previous(strategy.model)
-        if self.params.graph == "bank":
-            feats = self._bank_features(strategy)
-            if len(feats) < 2:
-                raise UserError(f"{self.name}.graph: bank needs at least 2 training images, got {len(feats)}")
-            self.bank = FeatureBank(feats)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         z = self._student_features(strategy)
@@ -278,7 +244,7 @@ class ProxyFDAPlugin(CLPlugin):
         if self.params.proxies and self.generator is None:
             self._setup(z.shape[1])  # on z's device, so that it can be broadcast there
         sim_h = zh @ zh.t()
-        positives = self._graph(sim_h, zh)
+        positives = self._graph(sim_h)
         self.positives_per_anchor = float(positives.sum(dim=1).float().mean())
         proxies = None
         gen_loss = None

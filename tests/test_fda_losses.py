@@ -20,7 +20,6 @@ from cl_proxyfda.losses.fda import (
     pool,
     proxy_diagnostics,
     proxy_similarity,
-    threshold_graph,
 )
 
 torch.set_num_threads(1)
@@ -73,23 +72,6 @@ def test_k_must_be_smaller_than_batch(k):
         fda_loss(zh, zh, k, *scalars())
 
 
-def test_threshold_graph_keeps_only_pairs_above_the_anchor_threshold():
-    zh = clustered(16)
-    sim = zh @ zh.t()
-    kth = torch.full((16,), 0.5)
-    kth[0] = 2.0  # anchor 0: nobody is close enough
-    mask = threshold_graph(sim, kth, 3)
-    assert not mask[0].any()
-    assert not mask.diagonal().any()
-    assert (mask.sum(1) <= 3).all()
-    off = ~torch.eye(16, dtype=torch.bool)
-    assert (sim[mask] >= 0.5).all()
-    # every pair above threshold within an anchor's top-3 is kept
-    top3 = graph_mask(knn_graph(sim, 3), 16)
-    assert torch.equal(mask[1:], (top3 & (sim >= 0.5) & off)[1:])
-
-
-# ------------------------------------------------------------------------ weights
 def test_signed_weights_follow_the_negative_rule():
     sim_h = torch.tensor([[1.0, 0.6, -0.3, 0.2], [0.6, 1.0, 0.1, -0.5], [-0.3, 0.1, 1.0, 0.4], [0.2, -0.5, 0.4, 1.0]])
     pos = torch.zeros(4, 4, dtype=torch.bool)
@@ -261,9 +243,8 @@ def test_anchors_without_positives_stay_finite():
     torch.manual_seed(0)
     z, zh = clustered(16, seed=1), clustered(16)
     sim_h = zh @ zh.t()
-    kth = torch.full((16,), 0.3)
-    kth[:4] = 2.0  # four anchors get no positive at all
-    pos = threshold_graph(sim_h, kth, 4)
+    pos = graph_mask(knn_graph(sim_h, 4), 16)
+    pos[:4] = False  # four anchors get no positive at all
     assert not pos[:4].any() and pos[4:].any()
     gen = ProxyGenerator(16)
     pooling = gen(z, sim_h, pos)

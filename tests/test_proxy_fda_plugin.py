@@ -165,16 +165,20 @@ def test_batch_graph_has_k_positives_per_anchor():
     assert fda.positives_per_anchor == K
 
 
-def test_bank_graph_and_previous_reference_over_two_experiences():
+def test_graph_bank_is_refused_with_the_reason():
+    with pytest.raises(Exception, match="graph: bank was removed"):
+        plugin(graph="bank")
+
+
+def test_previous_reference_over_two_experiences():
     model, bench = setup(n_tasks=2)
-    fda = plugin(graph="bank", reference="previous")
+    fda = plugin(reference="previous")
     strategy = train(model, bench, [fda], experiences=(0,))
-    assert fda.bank is not None and len(fda.bank) == 24
-    assert 0 < fda.positives_per_anchor <= K
+    assert fda.positives_per_anchor == K
     at_start = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(1)
     strategy.train(bench.train_stream[1], eval_streams=[])
-    assert 0 < fda.positives_per_anchor <= K
+    assert fda.positives_per_anchor == K
     assert math.isfinite(fda.loss_terms["proxy_fda"]) and math.isfinite(fda.loss_terms["proxy_fda_generator"])
     previous = teacher_bank(strategy).models["previous"].state_dict()
     # "previous" = the model at the start of experience 2, not the pre-trained or final one

@@ -24,9 +24,9 @@ as in SigLIP, whose own initialisation is ``b = -10``), it does, by a wide margi
 (tests/test_fda_losses.py). The ``minus_one`` and ``one_minus`` rules rank them already
 at initialisation.
 
-Graphs are (B, B) boolean masks ``positives[i, j] = j in R_i`` (never the diagonal), so
-the same code serves the in-batch kNN graph (exactly K positives per row) and graphs with
-a varying number of positives per row (the plugin's ``graph: bank`` option).
+Graphs are (B, B) boolean masks ``positives[i, j] = j in R_i`` (never the diagonal): the
+in-batch kNN graph has exactly K positives per row, and any other graph (rows with fewer
+positives, or none) works with the same code.
 """
 from __future__ import annotations
 
@@ -77,23 +77,6 @@ def graph_mask(neighbours: Tensor, batch_size: int) -> Tensor:
     mask = torch.zeros(batch_size, batch_size, dtype=torch.bool, device=neighbours.device)
     mask.scatter_(1, neighbours, True)
     return mask
-
-
-def threshold_graph(sim_h: Tensor, kth_sim: Tensor, k: int) -> Tensor:
-    """Positives of each anchor whose similarity reaches a per-anchor threshold.
-
-    ``positives[i, j]`` is true when ``sim_h[i, j] >= kth_sim[i]`` (``j != i``), keeping
-    at most the ``k`` most similar. With ``kth_sim[i]`` the similarity of anchor i's K-th
-    nearest neighbour in a feature bank of the whole training set, ``j`` is positive iff
-    it would be among i's K global nearest neighbours (``graph: bank``). Rows may have
-    fewer than ``k`` positives, or none.
-    """
-    b = sim_h.shape[0]
-    k = min(k, b - 1)
-    eye = torch.eye(b, dtype=torch.bool, device=sim_h.device)
-    masked = sim_h.detach().masked_fill(eye, float("-inf"))
-    top = graph_mask(masked.topk(k, dim=1).indices, b)
-    return top & (masked >= kth_sim.to(masked).unsqueeze(1))
 
 
 # --------------------------------------------------------------------------- weights
