@@ -15,6 +15,11 @@ from typing import Callable, Sequence
 from cl_proxyfda.errors import TrainingDiverged, UserError
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line, whatever it quotes (newlines, lone surrogates from odd file names)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _quiet_environment() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,7 +47,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     found = validate_file(args.config, args.set)
     for problem in found.problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {one_line(problem)}", file=sys.stderr)
     if found.problems:
         return 2
     for note in found.notes:
@@ -60,7 +65,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     outcomes = prefetch(cfg, progress=cfg.logging.progress)
     for o in outcomes:
-        print(f"{'ok  ' if o.ok else 'FAIL'} {o.need.label}: {o.message}", file=sys.stdout if o.ok else sys.stderr)
+        print(f"{'ok  ' if o.ok else 'FAIL'} {o.need.label}: {one_line(o.message)}", file=sys.stdout if o.ok else sys.stderr)
     failed = [o for o in outcomes if not o.ok]
     if failed:
         print(f"error: {len(failed)} of {len(outcomes)} items could not be fetched (listed above)", file=sys.stderr)
@@ -326,9 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as exc:
-        # one line whatever the message quotes (newlines, lone surrogates from odd file names)
-        line = str(exc).replace("\r", "\\r").replace("\n", "\\n").encode("utf-8", "backslashreplace").decode("utf-8")
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except TrainingDiverged as exc:
         kept = getattr(exc, "checkpoint", None)
