@@ -50,9 +50,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"error: {one_line(problem)}", file=sys.stderr)
     if found.problems:
         return 2
-    for note in found.notes:
-        print(note)
     print(f"ok: {args.config}: {found.summary}")
+    for note in found.notes:
+        print(f"  {note}")
     return 0
 
 

@@ -70,7 +70,7 @@ class CheckSizes:
     mnist_train: int
     mnist_test: int
     workers: int
-    fda_k: int | None = None  # FDA / Proxy-FDA neighbours (None: the default 8, which needs batches of more than 8)
+    fda_k: int | None = None  # FDA / Proxy-FDA neighbours (None: the default 8, which needs batches of more than 8; with class-balanced batches of 4 images a class, K must exceed 4)
     unet_config: dict[str, Any] = field(default_factory=lambda: dict(SD15_UNET))
     unet_batch: int = 8
     unet_steps: int = 25
@@ -84,7 +84,7 @@ TINY = CheckSizes(
     "cl-test-tiny", 8,
     BenchSizes(batch_size=8, warmup=1, iterations=2, prime_iterations=1, repeats=1, train_per_class=4, test_per_class=4,
                control_per_class=4, reference_size=16, synthetic_images=8, gpu_batch_size=8),
-    rehearsal_iterations=2, eurosat_per_class=2, mnist_train=16, mnist_test=10, workers=0, fda_k=4,
+    rehearsal_iterations=2, eurosat_per_class=2, mnist_train=16, mnist_test=10, workers=0, fda_k=5,
     unet_config=dict(TINY_UNET), unet_batch=1, unet_steps=2,
 )
 

@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import random
@@ -293,10 +294,10 @@ def _load_plugin_states(run: Run, states: dict[str, Any], source: Path) -> None:
         key = f"{i}:{getattr(plugin, 'name', type(plugin).__name__)}"
         if key not in states:
             continue
-        try:
-            plugin.load_state_dict(states[key], model=run.model)
-        except TypeError:
-            plugin.load_state_dict(states[key])
+        # Plugins whose state needs the model (Avalanche's LwF / EWC wrappers) say so in
+        # their signature; a TypeError from inside a plugin is a real error, not a retry.
+        takes_model = "model" in inspect.signature(plugin.load_state_dict).parameters
+        plugin.load_state_dict(states[key], **({"model": run.model} if takes_model else {}))
 
 
 def evaluate_row(run: Run) -> tuple[list[float], float | None]:

@@ -197,7 +197,7 @@ def test_validate_reports_weights_and_lists_every_problem(hub_cache, hubtest_tag
     write_hub_repo(hub_cache, TAG_REPO, {"open_clip_model.safetensors": safetensors_bytes(tiny_weights(), tmp_path)})
     assert main(["validate", str(run_file)]) == 0
     out = capsys.readouterr().out
-    assert "weights: weights of cl-test-tiny (hubtest): in the local cache" in out and "ok: " in out
+    assert out.startswith("ok: ") and "  weights: weights of cl-test-tiny (hubtest): in the local cache" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("stream: {name: demo}\ntrainx: {}\nrun: {seed: zero}\n")
     assert main(["validate", str(bad)]) == 2
