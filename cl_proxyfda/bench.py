@@ -741,31 +741,19 @@ def fda_loss_seconds(dim: int, batch: int, proxies: bool, device: torch.device, 
     """Median time of the FDA (``proxies=False``) or Proxy-FDA loss alone on random features:
     graph, generator, proxies, both losses, their backward and the plugin's own AdamW step,
     as ``ProxyFDAPlugin.before_backward`` + ``after_update`` do, without any backbone."""
-    from cl_proxyfda.losses.fda import fda_loss, generator_loss, graph_mask, knn_graph, make_proxies
     from cl_proxyfda.strategies.proxy_fda import ProxyFDAParams, ProxyFDAPlugin
 
-    params = ProxyFDAParams(proxies=proxies)
+    params = ProxyFDAParams(proxies=proxies, k=min(ProxyFDAParams().k, batch - 1))
     plugin = ProxyFDAPlugin(params)
-    if proxies:
-        plugin._setup(dim)
-    plugin.head.to(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     weights = torch.randn(dim, dim, generator=gen).to(device).requires_grad_(True)  # stands in for the backbone's last layer
     x = torch.randn(batch, dim, generator=gen).to(device)
     zh = F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device)
-    k = min(params.k, batch - 1)
 
     def step() -> None:
         z = F.normalize(x @ weights, dim=1)
-        sim_h = zh @ zh.t()
-        positives = graph_mask(knn_graph(sim_h, k), batch)
-        total = torch.zeros((), device=device)
-        extra = None
-        if plugin.generator is not None:
-            pooling = plugin.generator(z, sim_h, positives)
-            extra = make_proxies(z, sim_h, pooling, params.neg_weight)
-            total = total + generator_loss(z, pooling, positives, temperature=params.generator_temperature, alpha=params.generator_alpha)
-        total = total + params.weight * fda_loss(z, zh, params.k, plugin.head.log_tau, plugin.head.bias, params.neg_weight, extra, positives)
+        loss, gen_loss = plugin.losses(z, zh)
+        total = params.weight * loss + (gen_loss if gen_loss is not None else 0.0)
         total.backward()
         weights.grad = None
         plugin.after_update(None)

@@ -239,17 +239,32 @@ class ProxyFDAPlugin(CLPlugin):
         z = self._student_features(strategy)
         if z.shape[0] < 2:
             return
-        zh = self._teacher_features(strategy)
+        labels = getattr(strategy, "mb_y", None)
+        loss, gen_loss = self.losses(z, self._teacher_features(strategy), labels if isinstance(labels, Tensor) else None)
+        self.loss_terms[self.name] = float(loss.detach())
+        total = self.params.weight * loss
+        if gen_loss is not None:
+            self.loss_terms[f"{self.name}_generator"] = float(gen_loss.detach())
+            total = total + gen_loss
+        strategy.loss = strategy.loss + total
+
+    def losses(self, z: Tensor, zh: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(FDA loss, generator loss or None) of one batch of student / reference features.
+
+        The whole method on tensors: graph, proxies, both losses (``labels`` lets
+        ``same_class: neutral`` leave same-class non-neighbours out). Call
+        :meth:`after_update` after the backward to step tau, b and the generator.
+        """
         self._to_device(z.device)
         if self.params.proxies and self.generator is None:
             self._setup(z.shape[1])  # on z's device, so that it can be broadcast there
+        p = self.params
         sim_h = zh @ zh.t()
         positives = self._graph(sim_h)
         self.positives_per_anchor = float(positives.sum(dim=1).float().mean())
         proxies = None
         gen_loss = None
         if self.generator is not None:
-            p = self.params
             pooling = self.generator(z, sim_h, positives)
             proxies = make_proxies(z, sim_h, pooling, p.neg_weight, normalize=p.normalize_proxies)
             gen_loss = generator_loss(
@@ -258,19 +273,11 @@ class ProxyFDAPlugin(CLPlugin):
             )
             self._record(proxy_diagnostics(z, pooling, positives, normalize=p.normalize_proxies))
         ignore = None
-        labels = getattr(strategy, "mb_y", None)
-        if self.params.same_class == "neutral" and isinstance(labels, Tensor) and labels.shape[0] == z.shape[0]:
+        if p.same_class == "neutral" and labels is not None and labels.shape[0] == z.shape[0]:
             labels = labels.to(z.device)
             ignore = labels.unsqueeze(0) == labels.unsqueeze(1)
-        loss = fda_loss(
-            z, zh, self.params.k, self.head.log_tau, self.head.bias, self.params.neg_weight, proxies, positives, ignore=ignore
-        )
-        self.loss_terms[self.name] = float(loss.detach())
-        total = self.params.weight * loss
-        if gen_loss is not None:
-            self.loss_terms[f"{self.name}_generator"] = float(gen_loss.detach())
-            total = total + gen_loss
-        strategy.loss = strategy.loss + total
+        loss = fda_loss(z, zh, p.k, self.head.log_tau, self.head.bias, p.neg_weight, proxies, positives, ignore=ignore)
+        return loss, gen_loss
 
     def _record(self, values: dict[str, float]) -> None:
         for key, value in values.items():
