@@ -142,10 +142,16 @@ METRIC_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("control_drop", "Control drop", 1),
     ("stability", "Stability", 1),
     ("trainable_params", "Trainable params", 0),
+    ("inference_params_added", "Params added at inference", 0),
+    ("synthetic_images", "Synthetic images", 0),
+    ("reference_images", "Reference images", 0),
+    ("teacher_mb", "Teachers (MB)", 0),
     ("wall_seconds", "Wall time (s)", 1),
+    ("device_hours", "Device-hours", 4),
     ("peak_memory_mb", "Peak memory (MB)", 0),
 )
 META_KEYS = ("trainable_params", "wall_seconds", "peak_memory_mb")
+LEDGER_KEYS = ("inference_params_added", "synthetic_images", "reference_images", "teacher_mb", "device_hours")
 
 
 # ------------------------------------------------------------------------- schema
@@ -530,7 +536,10 @@ def run_values(results: RunResults) -> dict[str, Optional[float]]:
     summary = results.summary()
     out: dict[str, Optional[float]] = {}
     for key, _, _ in METRIC_COLUMNS:
-        value = results.meta.get(key) if key in META_KEYS else summary.get(key)
+        if key in LEDGER_KEYS:
+            value = (results.meta.get("ledger") or {}).get(key)
+        else:
+            value = results.meta.get(key) if key in META_KEYS else summary.get(key)
         out[key] = None if value is None or not math.isfinite(float(value)) else float(value)
     return out
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from cl_proxyfda import metrics
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.ledger import format_ledger
 
 __all__ = [
     "RunResults",
@@ -352,6 +353,7 @@ class RunResults:
         s = self.summary()
         lines.append("")
         lines.extend(_format_summary(s))
+        lines.extend(format_ledger(self.meta.get("ledger") or {}))
         for extra_name, rows in self.extra_matrices.items():
             lines.append("")
             if not wide:

@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from cl_proxyfda.config import RunConfig
 from cl_proxyfda.distributed import DistContext, barrier, init_distributed
 from cl_proxyfda.errors import TrainingDiverged, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
+from cl_proxyfda.ledger import build_ledger, peak_rss_mb
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
 from cl_proxyfda.runfolder import FolderLock, check_output_folder, check_same_config, make_output_folder
@@ -66,7 +66,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 class ProgressPlugin(SupervisedPlugin):
@@ -434,6 +434,9 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         results.add_row(row, control=control, diagnostics=diag, extra=extra_rows(run))
         results.meta["wall_seconds"] = results.meta.get("wall_seconds", 0.0) + (time.time() - t_exp)
         results.meta["peak_memory_mb"] = peak_memory_mb(run.device)
+        results.meta["ledger"] = build_ledger(
+            run.model, run.plugins, run.strategy.teachers, run.device, results.meta["wall_seconds"], run.dist.world
+        )
         if main:
             results.save(out)
         if main and cfg.checkpoint.enabled:

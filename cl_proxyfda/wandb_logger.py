@@ -190,6 +190,8 @@ class WandbLogger:
         for key, value in _flatten("", summary).items():
             if value is not None:  # undefined metrics (e.g. Transfer with one task) stay absent
                 self.run.summary[key] = value
+        for key, value in (results.meta.get("ledger") or {}).items():  # the cost ledger, next to the scores
+            self.run.summary[f"ledger/{key}"] = value
         update = {"meta": to_jsonable(results.meta)} if results.meta else {}
         update.update(to_jsonable(dict(config or {})))
         if update:

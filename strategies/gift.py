@@ -19,6 +19,7 @@ the ``awc`` strategy can take its importance from it without a second backward.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -165,6 +166,12 @@ class GIFTPlugin(CLPlugin):
         self.teacher_image_forwards = 0
         self.teacher_text_forwards = 0
         self.experiences_prepared = 0
+        self.synthetic_images = 0  # images of the synthetic sets used so far (cost ledger)
+        self.synthetic_seconds = 0.0  # time spent generating or loading them
+
+    def ledger(self) -> dict[str, float]:
+        """Extra data for the run's cost ledger."""
+        return {"synthetic_images": self.synthetic_images, "synthetic_seconds": self.synthetic_seconds}
 
     # ------------------------------------------------------------ experience
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -172,10 +179,13 @@ class GIFTPlugin(CLPlugin):
         bank = teacher_bank(strategy)
         bank.refresh_previous(strategy.model)
         index = strategy.experience_index
+        started = time.perf_counter()
         self.plan, self.generation_stats = prepare_experience(
             self.spec, self.stream, self.key, index, device=strategy.device, progress=self.progress
         )
+        self.synthetic_seconds += time.perf_counter() - started
         dataset = load_plan(self.plan)
+        self.synthetic_images += len(dataset)
         prompts = dataset.prompts
         self._prompts = list(dict.fromkeys(prompts))
         lookup = {p: i for i, p in enumerate(self._prompts)}

@@ -549,6 +549,10 @@ class GenericDistillPlugin(CLPlugin):
         self._x = self._pos = None
         source_criterion(strategy).source = "downstream"
 
+    def ledger(self) -> dict[str, float]:
+        """Extra data for the run's cost ledger: the generic image set."""
+        return {"reference_images": len(self.generic)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"targets": self.targets, "items": len(self.items), "weight": self.weight, "target_batches": self.target_batches}
 
@@ -806,6 +810,15 @@ class InfusingPlugin(CLPlugin):
 
     def after_training(self, strategy: Any, **kwargs: Any) -> None:
         self._forward("after_training", strategy, **kwargs)
+
+    def ledger(self) -> dict[str, float]:
+        """The parts' extra data, for the run's cost ledger."""
+        out: dict[str, float] = {}
+        for part in (self.head, self.generic, self.l2, self.select):
+            report = getattr(part, "ledger", None)
+            for key, value in (report() if callable(report) else {}).items():
+                out[key] = out.get(key, 0) + value
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {p.name: p.state_dict() for p in self.parts}

@@ -191,6 +191,10 @@ class ZSCLPlugin(CLPlugin):
         self._text_rng: np.random.Generator | None = None
         self.teacher_text_forwards = 0
 
+    def ledger(self) -> dict[str, float]:
+        """Extra data for the run's cost ledger: the reference image set."""
+        return {"reference_images": len(self.images)}
+
     @property
     def n_texts(self) -> int:
         """Reference texts per iteration: all of them unless ``texts_per_batch`` is set."""
