@@ -216,8 +216,10 @@ def _recompute(out: Path) -> dict[str, dict[str, list]]:
             results = RunResults.load(variant_dir / f"seed{seed}")
             assert results.complete and results.meta["seed"] == seed
             summary = results.summary()
+            ledger = results.meta.get("ledger", {})
             for key in values:
-                values[key].append(results.meta[key] if key in results.meta else summary[key])
+                value = results.meta[key] if key in results.meta else ledger[key] if key in ledger else summary[key]
+                values[key].append(value)
         found[variant_dir.name] = values
     return found
 
