@@ -190,3 +190,19 @@ def test_compare_gets_probe_columns(tmp_path):
     assert all(len(l.strip("|").split("|")) == 2 + len(METRIC_COLUMNS) + len(PROBE_COLUMNS) for l in table)
     assert "Control probe" in table[0]
     assert len(result.row("naive").curves["control_probe"]) == 3
+
+
+def test_stability_plot_draws_the_probe_curve(tmp_path):
+    from cl_proxyfda.plots import plot_stability_plasticity
+
+    def results(probe: bool) -> RunResults:
+        r = RunResults(task_names=["a", "b"], meta={"control_probe": {"kind": "linear"}})
+        for i, row in enumerate([[10, 20], [80, 20], [60, 90]]):
+            r.add_row(row, control=[70, 50, 40][i], control_probe=[90, 85, 80][i] if probe else None)
+        return r
+
+    with_probe = plot_stability_plasticity(results(True), tmp_path / "p.png").read_bytes()
+    without = plot_stability_plasticity(results(False), tmp_path / "n.png").read_bytes()
+    assert with_probe != without
+    again = plot_stability_plasticity(RunResults.from_dict(results(True).to_dict()), tmp_path / "q.png").read_bytes()
+    assert again == with_probe
