@@ -236,9 +236,9 @@ class RunResults:
     def summary(self) -> dict[str, Any]:
         """:func:`metrics.summarize` of the matrix (and control); ``{}`` with no rows.
 
-        Probe keys (:func:`probe_summary`): ``control_probe`` (per row, or ``None``),
+        With a control probe (:func:`probe_summary`): ``control_probe`` (per row),
         ``control_probe_initial`` (row 0), ``control_probe_last`` (last row) and
-        ``control_probe_drop`` (initial - last, the paper's delta-LP).
+        ``control_probe_drop`` (initial - last, the paper's delta-LP); absent without.
         Extra matrices are summarised under ``summary()["extra"][name]`` with the keys
         of :data:`EXTRA_SUMMARY_KEYS`.
         """
@@ -257,19 +257,19 @@ class RunResults:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything in ``metrics.json`` (strict JSON: NaN becomes null)."""
-        return to_jsonable(
-            {
-                "format": FORMAT,
-                "task_names": self.task_names,
-                "rows": self.rows,
-                "control": self.control,
-                "control_probe": self.control_probe,
-                "diagnostics": self.diagnostics,
-                "extra_matrices": self.extra_matrices,
-                "summary": self.summary(),
-                "meta": self.meta,
-            }
-        )
+        data = {
+            "format": FORMAT,
+            "task_names": self.task_names,
+            "rows": self.rows,
+            "control": self.control,
+            "diagnostics": self.diagnostics,
+            "extra_matrices": self.extra_matrices,
+            "summary": self.summary(),
+            "meta": self.meta,
+        }
+        if self.control_probe:  # absent without eval.control_probe: older files stay as they were
+            data["control_probe"] = self.control_probe
+        return to_jsonable(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunResults":
@@ -446,10 +446,10 @@ def _format_summary(s: Mapping[str, Any]) -> list[str]:
 
 
 def probe_summary(values: Sequence[float]) -> dict[str, Any]:
-    """Summary of the per-row control probe accuracies (all ``None`` when empty)."""
+    """Summary of the per-row control probe accuracies (``{}`` without a probe)."""
     finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731
     if not values:
-        return {"control_probe": None, "control_probe_initial": None, "control_probe_last": None, "control_probe_drop": None}
+        return {}
     first, last = float(values[0]), float(values[-1])
     return {
         "control_probe": [finite(float(v)) for v in values],

@@ -228,7 +228,7 @@ class WandbLogger:
             ("accuracy on the task just learned", summary["new_task_accuracy"], steps),
             ("mean accuracy on tasks seen so far", summary["seen_accuracy"][1:], steps),
             ("control retention", summary["control"], list(range(len(summary["control"])))),
-            ("control probe", summary["control_probe"] or [], list(range(len(summary["control_probe"] or [])))),
+            ("control probe", summary.get("control_probe", []), list(range(len(summary.get("control_probe", []))))),
         ):
             points = [(s, v) for s, v in zip(x, values) if v is not None]
             if points:
