@@ -206,3 +206,20 @@ def test_stability_plot_draws_the_probe_curve(tmp_path):
     assert with_probe != without
     again = plot_stability_plasticity(RunResults.from_dict(results(True).to_dict()), tmp_path / "q.png").read_bytes()
     assert again == with_probe
+
+
+def test_resumed_run_continues_the_probe_rows(tmp_path, data_root):
+    import shutil
+
+    from cl_proxyfda.runner import build_run, execute
+
+    cfg = tiny_config(data_root, tmp_path, stream={"tasks": ["warm", "cool"], "control": "mixed"},
+                      eval={"control_probe": "linear"}, checkpoint={"keep_last": 3}, train={"iterations": 4})
+    full = execute(build_run(parse_config(cfg), tmp_path / "full"), quiet=True)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    (part / "checkpoints" / "exp_002.pt").unlink()  # as if killed after experience 1
+    resumed = execute(build_run(parse_config(cfg), part), resume=True, quiet=True)
+    assert len(resumed.control_probe) == 3
+    assert resumed.control_probe == pytest.approx(full.control_probe, abs=1e-9)
+    assert RunResults.load(part).control_probe == pytest.approx(full.control_probe, abs=1e-9)
