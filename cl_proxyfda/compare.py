@@ -150,6 +150,11 @@ METRIC_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("device_hours", "Device-hours", 4),
     ("peak_memory_mb", "Peak memory (MB)", 0),
 )
+# Shown only when some variant has them (runs with eval.control_probe).
+PROBE_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("control_probe_last", "Control probe", 1),
+    ("control_probe_drop", "Control probe drop", 1),
+)
 META_KEYS = ("trainable_params", "wall_seconds", "peak_memory_mb")
 LEDGER_KEYS = ("inference_params_added", "synthetic_images", "reference_images", "teacher_mb", "device_hours")
 
@@ -535,7 +540,7 @@ def run_values(results: RunResults) -> dict[str, Optional[float]]:
     """The table's per-run numbers: summary metrics and run metadata."""
     summary = results.summary()
     out: dict[str, Optional[float]] = {}
-    for key, _, _ in METRIC_COLUMNS:
+    for key, _, _ in METRIC_COLUMNS + PROBE_COLUMNS:
         if key in LEDGER_KEYS:
             value = (results.meta.get("ledger") or {}).get(key)
         else:
@@ -601,12 +606,13 @@ def summarize_variants(plan: ComparisonPlan, outcomes: Sequence[RunOutcome]) -> 
         mine = [o for o in outcomes if o.run.variant == variant.name]
         done = [o for o in mine if o.results is not None]
         values = [run_values(o.results) for o in done]  # type: ignore[arg-type]
-        per_seed = {key: [v[key] for v in values] for key, _, _ in METRIC_COLUMNS}
+        per_seed = {key: [v[key] for v in values] for key, _, _ in METRIC_COLUMNS + PROBE_COLUMNS}
         stats = {key: mean_std(vals) for key, vals in per_seed.items()}
         summaries = [o.results.summary() for o in done]  # type: ignore[union-attr]
         curves = {
             "control": _curve_mean([list(s["control"]) for s in summaries if s["control"]]),
             "seen_accuracy": _curve_mean([list(s["seen_accuracy"]) for s in summaries]),
+            "control_probe": _curve_mean([list(s["control_probe"]) for s in summaries if s.get("control_probe")]),
         }
         rows.append(
             VariantRow(
@@ -627,6 +633,14 @@ def summarize_variants(plan: ComparisonPlan, outcomes: Sequence[RunOutcome]) -> 
     for row, flag in zip(placed, pareto_front([(r.mean["plasticity"], r.mean["stability"]) for r in placed])):
         row.pareto = flag
     return rows
+
+
+def metric_columns(rows: Sequence[VariantRow] = ()) -> tuple[tuple[str, str, int], ...]:
+    """The table's columns: :data:`METRIC_COLUMNS`, plus :data:`PROBE_COLUMNS` when a
+    variant in ``rows`` has a control probe value."""
+    if any(row.mean.get(key) is not None for row in rows for key, _, _ in PROBE_COLUMNS):
+        return METRIC_COLUMNS + PROBE_COLUMNS
+    return METRIC_COLUMNS
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
@@ -655,13 +669,19 @@ def format_markdown(name: str, rows: Sequence[VariantRow], description: Optional
         "(100 - mean Avalanche forgetting without a control set).",
         "",
     ]
-    header = ["Variant", "Seeds"] + [title for _, title, _ in METRIC_COLUMNS]
+    columns = metric_columns(rows)
+    if len(columns) > len(METRIC_COLUMNS):
+        lines[-1:-1] = [
+            "Control probe = probe accuracy (eval.control_probe) on the control set's frozen image features "
+            "at row T; its drop = row 0 - row T.",
+        ]
+    header = ["Variant", "Seeds"] + [title for _, title, _ in columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in rows:
         seeds_cell = str(len(row.seeds)) + (f" ({len(row.diverged)} diverged)" if row.diverged else "")
         label = row.name.replace("|", "\\|") + (" *" if row.pareto else "")
-        cells = [label, seeds_cell] + [_cell(row, key, digits) for key, _, digits in METRIC_COLUMNS]
+        cells = [label, seeds_cell] + [_cell(row, key, digits) for key, _, digits in columns]
         lines.append("| " + " | ".join(cells) + " |")
     front = [r.name for r in rows if r.pareto]
     lines += ["", "\\* on the stability-plasticity Pareto front: " + (", ".join(front) if front else "-")]
@@ -669,9 +689,10 @@ def format_markdown(name: str, rows: Sequence[VariantRow], description: Optional
     return "\n".join(lines)
 
 
-def csv_columns() -> list[str]:
+def csv_columns(rows: Sequence[VariantRow] = ()) -> list[str]:
+    """Column names of the CSV (probe columns when a variant of ``rows`` has them)."""
     cols = ["variant", "spec", "grid", "seeds", "n_seeds", "diverged_seeds", "pareto_front"]
-    for key, _, _ in METRIC_COLUMNS:
+    for key, _, _ in metric_columns(rows):
         cols += [f"{key}_mean", f"{key}_std"]
     return cols
 
@@ -679,6 +700,7 @@ def csv_columns() -> list[str]:
 def table_lines(rows: Sequence[VariantRow]) -> list[list[Any]]:
     """The table as typed values in :func:`csv_columns` order (``None`` = undefined)."""
     lines = []
+    columns = metric_columns(rows)
     for row in rows:
         line: list[Any] = [
             row.name,
@@ -689,7 +711,7 @@ def table_lines(rows: Sequence[VariantRow]) -> list[list[Any]]:
             ";".join(str(s) for s in row.diverged),
             row.pareto,
         ]
-        for key, _, _ in METRIC_COLUMNS:
+        for key, _, _ in columns:
             line += [row.mean[key], row.std[key]]
         lines.append(line)
     return lines
@@ -699,7 +721,7 @@ def format_csv(rows: Sequence[VariantRow]) -> str:
     """One line per variant; numbers at full precision, undefined values empty."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(csv_columns())
+    writer.writerow(csv_columns(rows))
     for line in table_lines(rows):
         cells = []
         for value in line:
@@ -768,7 +790,8 @@ def plot_frontier(rows: Sequence[VariantRow], path: str | Path, title: str = "")
 
 def plot_curves(rows: Sequence[VariantRow], path: str | Path, title: str = "") -> Path:
     """Per experience (row 0 = zero-shot), one line per variant (mean over seeds):
-    control retention (left) and mean accuracy on the tasks seen so far (right)."""
+    control retention (left; dotted: control probe accuracy when the runs have one) and
+    mean accuracy on the tasks seen so far (right)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12.0, 4.5))
@@ -780,6 +803,10 @@ def plot_curves(rows: Sequence[VariantRow], path: str | Path, title: str = "") -
         if control:
             any_control = True
             left.plot(range(len(control)), [np.nan if v is None else v for v in control], marker="^", color=colour, label=row.name)
+        probe = row.curves.get("control_probe") or []
+        if probe:
+            any_control = True
+            left.plot(range(len(probe)), [np.nan if v is None else v for v in probe], marker="v", linestyle=":", color=colour, label=f"{row.name} (probe)")
         seen = row.curves["seen_accuracy"]
         if seen:
             right.plot(range(len(seen)), [np.nan if v is None else v for v in seen], marker="o", color=colour, label=row.name)
@@ -841,7 +868,7 @@ def _log_wandb_summary(plan: ComparisonPlan, rows: Sequence[VariantRow], files: 
 
     from cl_proxyfda.wandb_logger import WandbLogger
 
-    table = wandb.Table(columns=csv_columns(), data=table_lines(rows))
+    table = wandb.Table(columns=csv_columns(rows), data=table_lines(rows))
     logger = WandbLogger(
         plan.out_dir, project=wb.project, entity=wb.entity, group=wb.group or plan.name,
         name=f"{plan.name}-summary", mode=wb.mode, config={"comparison": plan.source},

@@ -121,6 +121,11 @@ class EvalSection(_Strict):
     every_experience: bool = True
     retrieval: bool = Field(False, description="image-to-image retrieval mAP@k and Recall@1 per task as extra matrices")
     retrieval_k: int = Field(20, gt=0, le=1_000_000, description="cut-off k of mAP@k")
+    control_probe: Literal["none", "linear", "knn"] = Field(
+        "none", description="probe accuracy of frozen image features of the control set at every row (linear: logistic regression; knn: cosine k-NN)"
+    )
+    probe_tasks: bool = Field(False, description="also probe every task's test set (an extra matrix named <probe>_probe)")
+    probe_k: int = Field(20, gt=0, le=65536, description="neighbours of the knn probe")
 
 
 class WandbSection(_Strict):
@@ -477,6 +482,8 @@ def _check_sections(cfg: RunConfig) -> None:
         raise ConfigError("model.prompt_learner", "prompt tuning trains the context only; remove model.adapter")
     if cfg.train.iterations is not None and cfg.train.epochs is not None:
         raise ConfigError("train.epochs", "set either iterations or epochs, not both")
+    if cfg.eval.probe_tasks and cfg.eval.control_probe == "none":
+        raise ConfigError("eval.probe_tasks", "needs eval.control_probe linear or knn (the probe to use)")
     kind, m, n = cfg.sampler_layout()
     if kind == "class_balanced":
         per_batch = m * n

@@ -88,7 +88,8 @@ def plot_accuracy_matrix(results: "RunResults", path: str | Path, name: str | No
 
 def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
     """Per experience: accuracy on the task just learned (plasticity), mean accuracy on
-    tasks seen so far, and control retention (stability), all in %."""
+    tasks seen so far, control retention (stability) and, with ``eval.control_probe``,
+    the control set's probe accuracy on frozen image features, all in %."""
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot()
     n_rows = len(results.rows)
@@ -105,7 +106,11 @@ def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
         if results.control:
             ax.plot(range(n_rows), results.control, marker="^", linestyle="--",
                     label="control retention")
-        if not steps and not results.control:
+        if results.control_probe:
+            kind = (results.meta.get("control_probe") or {}).get("kind", "")
+            ax.plot(range(n_rows), results.control_probe, marker="v", linestyle=":",
+                    label=f"control {kind} probe (frozen image features)".replace("  ", " "))
+        if not steps and not results.control and not results.control_probe:
             ax.plot([0], [float(np.mean(a[0]))], marker="o", label="zero-shot mean accuracy")
     else:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center",

@@ -115,6 +115,8 @@ class RunResults:
     (%) on every task after experience ``i``. ``control`` has one value per row or is
     empty; ``diagnostics`` one dict of extra scalars per row; ``extra_matrices`` maps a
     name (e.g. ``"retrieval_map"``) to a matrix shaped like the accuracy matrix.
+    ``control_probe`` has one probe accuracy (%) of the control set's frozen image
+    features per row (``eval.control_probe``) or is empty.
     """
 
     task_names: list[str]
@@ -123,6 +125,7 @@ class RunResults:
     diagnostics: list[dict[str, float]] = field(default_factory=list)
     extra_matrices: dict[str, list[list[float]]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    control_probe: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.task_names = [str(t) for t in self.task_names]
@@ -161,12 +164,14 @@ class RunResults:
         control: float | None = None,
         diagnostics: Mapping[str, float] | None = None,
         extra: Mapping[str, Sequence[float] | Mapping[str, float]] | None = None,
+        control_probe: float | None = None,
     ) -> int:
         """Append the evaluation after the next experience; returns the row index.
 
         ``accs``: one accuracy (%) per task, as a list in task order or a dict by task
         name. ``control``: control-set accuracy, given for every row or for none.
         ``extra``: one row for each extra matrix (same names at every row).
+        ``control_probe``: probe accuracy of the control set, for every row or for none.
         """
         index = len(self.rows)
         if index > self.num_tasks:
@@ -175,6 +180,10 @@ class RunResults:
         if index > 0 and (control is not None) != bool(self.control):
             raise ValueError(
                 f"row {index}: control accuracy must be given for every row or for none"
+            )
+        if index > 0 and (control_probe is not None) != bool(self.control_probe):
+            raise ValueError(
+                f"row {index}: control probe accuracy must be given for every row or for none"
             )
         extra = dict(extra or {})
         if index > 0 and set(extra) != set(self.extra_matrices):
@@ -187,6 +196,8 @@ class RunResults:
         self.rows.append(row)
         if control is not None:
             self.control.append(float(control))
+        if control_probe is not None:
+            self.control_probe.append(float(control_probe))
         self.diagnostics.append({str(k): float(v) for k, v in (diagnostics or {}).items()})
         for name, values in extra_rows.items():
             self.extra_matrices.setdefault(name, []).append(values)
@@ -205,6 +216,10 @@ class RunResults:
                 raise ValueError(f"row {i} has {len(row)} values, expected {self.num_tasks}")
         if self.control and len(self.control) != len(self.rows):
             raise ValueError(f"control has {len(self.control)} values for {len(self.rows)} rows")
+        if self.control_probe and len(self.control_probe) != len(self.rows):
+            raise ValueError(
+                f"control_probe has {len(self.control_probe)} values for {len(self.rows)} rows"
+            )
         if self.diagnostics and len(self.diagnostics) != len(self.rows):
             raise ValueError(
                 f"diagnostics has {len(self.diagnostics)} entries for {len(self.rows)} rows"
@@ -225,12 +240,16 @@ class RunResults:
     def summary(self) -> dict[str, Any]:
         """:func:`metrics.summarize` of the matrix (and control); ``{}`` with no rows.
 
+        With a control probe (:func:`probe_summary`): ``control_probe`` (per row),
+        ``control_probe_initial`` (row 0), ``control_probe_last`` (last row) and
+        ``control_probe_drop`` (initial - last, the paper's delta-LP); absent without.
         Extra matrices are summarised under ``summary()["extra"][name]`` with the keys
         of :data:`EXTRA_SUMMARY_KEYS`.
         """
         if not self.rows:
             return {}
         out: dict[str, Any] = dict(metrics.summarize(self.matrix(), self.control or None))
+        out.update(probe_summary(self.control_probe))
         if self.extra_matrices:
             out["extra"] = {}
             for name in self.extra_matrices:
@@ -242,18 +261,19 @@ class RunResults:
 
     def to_dict(self) -> dict[str, Any]:
         """Everything in ``metrics.json`` (strict JSON: NaN becomes null)."""
-        return to_jsonable(
-            {
-                "format": FORMAT,
-                "task_names": self.task_names,
-                "rows": self.rows,
-                "control": self.control,
-                "diagnostics": self.diagnostics,
-                "extra_matrices": self.extra_matrices,
-                "summary": self.summary(),
-                "meta": self.meta,
-            }
-        )
+        data = {
+            "format": FORMAT,
+            "task_names": self.task_names,
+            "rows": self.rows,
+            "control": self.control,
+            "diagnostics": self.diagnostics,
+            "extra_matrices": self.extra_matrices,
+            "summary": self.summary(),
+            "meta": self.meta,
+        }
+        if self.control_probe:  # absent without eval.control_probe: older files stay as they were
+            data["control_probe"] = self.control_probe
+        return to_jsonable(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunResults":
@@ -274,6 +294,7 @@ class RunResults:
                 str(k): matrix(v) for k, v in data.get("extra_matrices", {}).items()
             },
             meta=dict(data.get("meta", {})),
+            control_probe=[_float_or_nan(v) for v in data.get("control_probe", None) or []],
         )
 
     def _matrix_csv(self, rows: list[list[float]], with_control: bool) -> str:
@@ -375,6 +396,9 @@ class RunResults:
         )
         if show_control:
             header += f"  {'control':>7}"
+        show_probe = with_control and bool(self.control_probe)
+        if show_probe:
+            header += f"  {'probe':>7}"
         out = [f"{title}: row i = after experience i, row 0 = zero-shot", header]
         for i, row in enumerate(rows):
             line = f"{f'{i} {self.row_label(i)}':<{label_w}}  " + "  ".join(
@@ -382,6 +406,8 @@ class RunResults:
             )
             if show_control:
                 line += f"  {_fmt(self.control[i]):>7}"
+            if show_probe:
+                line += f"  {_fmt(self.control_probe[i]):>7}"
             out.append(line)
         return out
 
@@ -420,8 +446,30 @@ def _format_summary(s: Mapping[str, Any]) -> list[str]:
         )
     else:
         rows.append(("Control retention", "- (no control set)"))
+    if s.get("control_probe"):
+        rows.append(
+            (
+                "Control probe",
+                f"{_fmt(s['control_probe_last'])}  (row 0 {_fmt(s['control_probe_initial'])}, "
+                f"drop {_fmt(s['control_probe_drop'])}; probe on frozen image features)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+def probe_summary(values: Sequence[float]) -> dict[str, Any]:
+    """Summary of the per-row control probe accuracies (``{}`` without a probe)."""
+    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731
+    if not values:
+        return {}
+    first, last = float(values[0]), float(values[-1])
+    return {
+        "control_probe": [finite(float(v)) for v in values],
+        "control_probe_initial": finite(first),
+        "control_probe_last": finite(last),
+        "control_probe_drop": finite(first - last),
+    }
 
 
 def report(run_dir: str | Path) -> tuple[str, list[Path]]:

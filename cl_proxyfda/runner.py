@@ -33,6 +33,7 @@ from cl_proxyfda.errors import TrainingDiverged, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.ledger import build_ledger, peak_rss_mb
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
+from cl_proxyfda.probe import probe_row
 from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
 from cl_proxyfda.runfolder import FolderLock, check_output_folder, check_same_config, make_output_folder
 from cl_proxyfda.teacher import TeacherBank, unwrap
@@ -168,6 +169,8 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
     from cl_proxyfda.benchmarks.stream import check_unique_names, to_avalanche
 
     check_unique_names(tasks)
+    if cfg.eval.control_probe != "none" and stream.control is None and not cfg.eval.probe_tasks:
+        raise UserError(f"eval.control_probe: {cfg.eval.control_probe} needs a control set, and stream {cfg.stream.name!r} has none (or set eval.probe_tasks: true)")
     for name in cfg.train.lr_per_task:
         if name not in {t.name for t in tasks}:
             raise UserError(f"train.lr_per_task: unknown task {name!r} (tasks: {', '.join(t.name for t in tasks)})")
@@ -413,7 +416,9 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         results = RunResults(task_names=run.task_names)
         results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
         row, control = evaluate_row(run)
-        results.add_row(row, control=control, diagnostics=_diagnostics(run), extra=extra_rows(run))
+        probe = probe_row(run)
+        results.meta.update(probe.meta)
+        results.add_row(row, control=control, diagnostics={**_diagnostics(run), **probe.diagnostics}, extra=probe.with_extra(extra_rows(run)), control_probe=probe.control)
         if main:
             results.save(out)
         if logger is not None:
@@ -429,9 +434,10 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         run.strategy.train(run.benchmark.train_stream[i])
         train_seconds = time.time() - t_exp
         row, control = evaluate_row(run)
-        diag = _diagnostics(run)
+        probe = probe_row(run)
+        diag = {**_diagnostics(run), **probe.diagnostics}
         diag.update({"train_seconds": train_seconds, "seconds": time.time() - t_exp, "peak_memory_mb": peak_memory_mb(run.device)})
-        results.add_row(row, control=control, diagnostics=diag, extra=extra_rows(run))
+        results.add_row(row, control=control, diagnostics=diag, extra=probe.with_extra(extra_rows(run)), control_probe=probe.control)
         results.meta["wall_seconds"] = results.meta.get("wall_seconds", 0.0) + (time.time() - t_exp)
         results.meta["peak_memory_mb"] = peak_memory_mb(run.device)
         results.meta["ledger"] = build_ledger(
@@ -449,7 +455,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         barrier()  # the checkpoint of this experience exists for every process
         if logger is not None:
             logger.log_row(results, i + 1)
-        say(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else ""))
+        say(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else "") + (f" | probe {probe.control:.1f}" if probe.control is not None else ""))
     images = render_all(results, out) if cfg.logging.plots and main else []
     if logger is not None:
         logger.log_final(results, images=images)

@@ -56,7 +56,8 @@ class WandbLogger:
 
     Per-experience keys (step metric ``experience`` = row index, 0 = zero-shot):
     ``acc/<task>``, ``acc_all_mean``, ``acc_seen_mean`` and ``acc_new_task`` (rows >= 1),
-    ``control_acc``, ``diag/<name>`` and ``<extra matrix>/<task>``.
+    ``control_acc``, ``control_probe`` (``eval.control_probe``), ``diag/<name>`` and
+    ``<extra matrix>/<task>``.
     Training keys (step metric ``iteration``): ``train/<name>``.
     """
 
@@ -94,7 +95,7 @@ class WandbLogger:
         self.run, self.mode = self._start(mode, init_kwargs)
         self.run.define_metric("experience")
         self.run.define_metric("iteration")
-        for glob in ("acc/*", "acc_*", "control_acc", "diag/*"):
+        for glob in ("acc/*", "acc_*", "control_acc", "control_probe", "diag/*"):
             self._step_metric(glob, "experience")
         self._step_metric("train/*", "iteration")
 
@@ -142,6 +143,8 @@ class WandbLogger:
             data["acc_new_task"] = row[i - 1]
         if results.control:
             data["control_acc"] = results.control[i]
+        if results.control_probe:
+            data["control_probe"] = results.control_probe[i]
         if i < len(results.diagnostics):
             for key, value in results.diagnostics[i].items():
                 data[f"diag/{safe_name(key)}"] = value
@@ -201,13 +204,16 @@ class WandbLogger:
     def _table(results: RunResults, name: str | None) -> "wandb.Table":
         matrix = results.matrix(name)
         with_control = name is None and bool(results.control)
-        columns = ["row", "after", *results.task_names] + (["control"] if with_control else [])
+        with_probe = name is None and bool(results.control_probe)
+        columns = ["row", "after", *results.task_names] + (["control"] if with_control else []) + (["control_probe"] if with_probe else [])
         data = []
         for i, row in enumerate(matrix.tolist()):
             cells = [v if math.isfinite(v) else None for v in row]
             line = [i, results.row_label(i), *cells]
             if with_control:
                 line.append(results.control[i])
+            if with_probe:
+                line.append(results.control_probe[i] if math.isfinite(results.control_probe[i]) else None)
             data.append(line)
         return wandb.Table(columns=columns, data=data)
 
@@ -224,6 +230,7 @@ class WandbLogger:
             ("accuracy on the task just learned", summary["new_task_accuracy"], steps),
             ("mean accuracy on tasks seen so far", summary["seen_accuracy"][1:], steps),
             ("control retention", summary["control"], list(range(len(summary["control"])))),
+            ("control probe", summary.get("control_probe", []), list(range(len(summary.get("control_probe", []))))),
         ):
             points = [(s, v) for s, v in zip(x, values) if v is not None]
             if points:

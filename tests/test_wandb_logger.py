@@ -129,6 +129,25 @@ def test_offline_run_logs_rows_and_final(tmp_path):
     assert cfg["meta"] == {"run_name": "hand", "seed": 7, "trainable_params": 1234}
 
 
+def test_control_probe_is_logged_per_row(tmp_path):
+    results = hand_results()
+    logger = WandbLogger(tmp_path / "run", "cl-test", name="probe-run")
+    probe = [90.0, 85.0, 80.0, 70.0]
+    for i, row in enumerate(ROWS):
+        results.add_row(row, control=CONTROL[i], control_probe=probe[i])
+        logger.log_row(results, i)
+    logger.log_final(results)
+    logger.finish()
+    records = inspect_records(logger.local_dir)
+    per_exp = {h["experience"]: h for h in (r["history"]["item"] for r in records if r["type"] == "history") if "acc/aircraft" in h}
+    assert [per_exp[i]["control_probe"] for i in range(4)] == probe
+    summary = inspect_summary(logger.local_dir)["summary"]
+    assert summary["control_probe_drop"] == pytest.approx(20.0) and summary["control_probe_last"] == pytest.approx(70.0)
+    table = json.loads((logger.local_dir / "files" / summary["accuracy_matrix"]["path"]).read_text())
+    assert table["columns"] == ["row", "after", *TASKS, "control", "control_probe"]
+    assert table["data"][3] == [3, "cifar", 40, 60, 80, 45, 70]
+
+
 def test_partial_run_and_images(tmp_path):
     from cl_proxyfda import plots
 
