@@ -108,6 +108,8 @@ __all__ = [
     "VariantRow",
     "ComparisonResult",
     "METRIC_COLUMNS",
+    "TASK_AGNOSTIC_COLUMNS",
+    "table_columns",
     "load_comparison",
     "plan_comparison",
     "run_comparison",
@@ -146,6 +148,20 @@ METRIC_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("peak_memory_mb", "Peak memory (MB)", 0),
 )
 META_KEYS = ("trainable_params", "wall_seconds", "peak_memory_mb")
+# Task-agnostic (X-TAIL, eval.task_agnostic) metrics: key -> the extra matrix's summary
+# key; the table shows these columns only when some run has the matrix.
+TASK_AGNOSTIC_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("ta_transfer", "TA Transfer", 1),
+    ("ta_avg", "TA Avg", 1),
+    ("ta_last", "TA Last", 1),
+    ("ta_bwt", "TA BWT", 1),
+)
+
+
+def table_columns(rows: Sequence["VariantRow"] = ()) -> tuple[tuple[str, str, int], ...]:
+    """METRIC_COLUMNS, then the task-agnostic columns when a row has their values."""
+    has_ta = any(row.mean.get(key) is not None for row in rows for key, _, _ in TASK_AGNOSTIC_COLUMNS)
+    return METRIC_COLUMNS + (TASK_AGNOSTIC_COLUMNS if has_ta else ())
 
 
 # ------------------------------------------------------------------------- schema
@@ -532,6 +548,10 @@ def run_values(results: RunResults) -> dict[str, Optional[float]]:
     for key, _, _ in METRIC_COLUMNS:
         value = results.meta.get(key) if key in META_KEYS else summary.get(key)
         out[key] = None if value is None or not math.isfinite(float(value)) else float(value)
+    agnostic = summary.get("extra", {}).get("task_agnostic", {})
+    for key, _, _ in TASK_AGNOSTIC_COLUMNS:
+        value = agnostic.get(key[len("ta_"):])
+        out[key] = None if value is None or not math.isfinite(float(value)) else float(value)
     return out
 
 
@@ -592,7 +612,7 @@ def summarize_variants(plan: ComparisonPlan, outcomes: Sequence[RunOutcome]) -> 
         mine = [o for o in outcomes if o.run.variant == variant.name]
         done = [o for o in mine if o.results is not None]
         values = [run_values(o.results) for o in done]  # type: ignore[arg-type]
-        per_seed = {key: [v[key] for v in values] for key, _, _ in METRIC_COLUMNS}
+        per_seed = {key: [v[key] for v in values] for key, _, _ in METRIC_COLUMNS + TASK_AGNOSTIC_COLUMNS}
         stats = {key: mean_std(vals) for key, vals in per_seed.items()}
         summaries = [o.results.summary() for o in done]  # type: ignore[union-attr]
         curves = {
@@ -646,13 +666,14 @@ def format_markdown(name: str, rows: Sequence[VariantRow], description: Optional
         "(100 - mean Avalanche forgetting without a control set).",
         "",
     ]
-    header = ["Variant", "Seeds"] + [title for _, title, _ in METRIC_COLUMNS]
+    columns = table_columns(rows)
+    header = ["Variant", "Seeds"] + [title for _, title, _ in columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in rows:
         seeds_cell = str(len(row.seeds)) + (f" ({len(row.diverged)} diverged)" if row.diverged else "")
         label = row.name.replace("|", "\\|") + (" *" if row.pareto else "")
-        cells = [label, seeds_cell] + [_cell(row, key, digits) for key, _, digits in METRIC_COLUMNS]
+        cells = [label, seeds_cell] + [_cell(row, key, digits) for key, _, digits in columns]
         lines.append("| " + " | ".join(cells) + " |")
     front = [r.name for r in rows if r.pareto]
     lines += ["", "\\* on the stability-plasticity Pareto front: " + (", ".join(front) if front else "-")]
@@ -660,9 +681,9 @@ def format_markdown(name: str, rows: Sequence[VariantRow], description: Optional
     return "\n".join(lines)
 
 
-def csv_columns() -> list[str]:
+def csv_columns(rows: Sequence["VariantRow"] = ()) -> list[str]:
     cols = ["variant", "spec", "grid", "seeds", "n_seeds", "diverged_seeds", "pareto_front"]
-    for key, _, _ in METRIC_COLUMNS:
+    for key, _, _ in table_columns(rows):
         cols += [f"{key}_mean", f"{key}_std"]
     return cols
 
@@ -680,7 +701,7 @@ def table_lines(rows: Sequence[VariantRow]) -> list[list[Any]]:
             ";".join(str(s) for s in row.diverged),
             row.pareto,
         ]
-        for key, _, _ in METRIC_COLUMNS:
+        for key, _, _ in table_columns(rows):
             line += [row.mean[key], row.std[key]]
         lines.append(line)
     return lines
@@ -690,7 +711,7 @@ def format_csv(rows: Sequence[VariantRow]) -> str:
     """One line per variant; numbers at full precision, undefined values empty."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(csv_columns())
+    writer.writerow(csv_columns(rows))
     for line in table_lines(rows):
         cells = []
         for value in line:
@@ -832,7 +853,7 @@ def _log_wandb_summary(plan: ComparisonPlan, rows: Sequence[VariantRow], files: 
 
     from cl_proxyfda.wandb_logger import WandbLogger
 
-    table = wandb.Table(columns=csv_columns(), data=table_lines(rows))
+    table = wandb.Table(columns=csv_columns(rows), data=table_lines(rows))
     logger = WandbLogger(
         plan.out_dir, project=wb.project, entity=wb.entity, group=wb.group or plan.name,
         name=f"{plan.name}-summary", mode=wb.mode, config={"comparison": plan.source},

@@ -218,3 +218,28 @@ def test_xtail_stream_definition(tmp_path):
         assert [len(t.test) for t in data.tasks] == [30, 30]  # full test sets
     with pytest.raises(ConfigError, match="stream.tasks: CIFAR100 is not part of X-TAIL"):
         STREAMS.build("xtail", {"root": str(root), "format": "image_folder", "tasks": ["EuroSAT", "cifar100"]})
+
+
+# -------------------------------------------------------------- comparisons
+def test_comparison_aggregates_task_agnostic_metrics(tmp_path, overlap_root):
+    import csv
+
+    from cl_proxyfda.compare import METRIC_COLUMNS, TASK_AGNOSTIC_COLUMNS, run_comparison
+
+    base = tiny_config(overlap_root, tmp_path / "unused", train={"iterations": 2}, eval={"task_agnostic": True, "batch_size": 5})
+    base.pop("strategies")
+    base["stream"]["tasks"] = ["warm", "rgb"]
+    spec = {"name": "ta_cmp", "base": base, "seeds": [0, 1],
+            "variants": [{"name": "naive", "strategies": [{"name": "naive"}]}]}
+    run_comparison(spec, tmp_path / "cmp", log=lambda line: None)
+    with open(tmp_path / "cmp" / "comparison.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    per_seed = [RunResults.load(tmp_path / "cmp" / "variants" / "naive" / f"seed{s}").summary()["extra"]["task_agnostic"] for s in (0, 1)]
+    for key, _, _ in TASK_AGNOSTIC_COLUMNS:
+        values = [s[key[len("ta_"):]] for s in per_seed]
+        assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), abs=1e-9)
+        assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Variant"))
+    assert "TA Transfer" in header and "TA BWT" in header
+    assert len(header.strip("|").split("|")) == 2 + len(METRIC_COLUMNS) + len(TASK_AGNOSTIC_COLUMNS)
