@@ -57,7 +57,7 @@ def test_task_agnostic_matrix_metrics_by_hand():
     for row in ta:
         r.add_row([90.0, 90.0, 90.0], extra={"task_agnostic": row})
     s = r.summary()["extra"]["task_agnostic"]
-    # Transfer: mean over j>0 of mean_{i<j} ta[i][j] = (20 + (30 + 35) / 2) / 2 = 26.25
+    # Transfer: mean over columns j >= 1 of rows 1..j (before task j is learned): (25 + (35 + 20) / 2) / 2
     assert s["transfer"] == pytest.approx(26.25)
     assert s["last"] == pytest.approx(50.0)
     # BWT: mean over j<T-1 of ta[T][j] - ta[j+1][j] = ((30 - 50) + (50 - 60)) / 2 = -15
@@ -243,3 +243,12 @@ def test_comparison_aggregates_task_agnostic_metrics(tmp_path, overlap_root):
     header = next(line for line in table.splitlines() if line.startswith("| Variant"))
     assert "TA Transfer" in header and "TA BWT" in header
     assert len(header.strip("|").split("|")) == 2 + len(METRIC_COLUMNS) + len(TASK_AGNOSTIC_COLUMNS)
+
+
+def test_prefetch_lists_the_xtail_datasets(tmp_path, overlap_root):
+    from cl_proxyfda.benchmarks.xtail import XTAIL_ORDERS
+    from cl_proxyfda.prefetch import needs_of
+
+    cfg = parse_config({**tiny_config(overlap_root, tmp_path), "stream": {"name": "xtail", "root": str(tmp_path), "order": "II"}})
+    names = [n.label for n in needs_of(cfg) if n.label.startswith("dataset ")]
+    assert names == [f"dataset {d}" for d in XTAIL_ORDERS["II"]]
