@@ -311,6 +311,12 @@ def stream_union(run: Run) -> Any:
     return run.extra["union"]
 
 
+def task_agnostic_meta(run: Run) -> dict[str, Any]:
+    """What metrics.json records of the union: its size, head templates and shared names."""
+    union = stream_union(run)
+    return {"classes": union.num_classes, "templates": run.config.eval.task_agnostic_templates, "shared_names": union.shared()}
+
+
 def evaluate_row(run: Run) -> tuple[list[float], float | None]:
     """Accuracy on every task, and on the control set when there is one.
 
@@ -437,6 +443,8 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
     if results is None:
         results = RunResults(task_names=run.task_names)
         results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
+        if cfg.eval.task_agnostic:
+            results.meta[TASK_AGNOSTIC] = task_agnostic_meta(run)
         row, control = evaluate_row(run)
         results.add_row(row, control=control, diagnostics=_diagnostics(run), extra=extra_rows(run))
         if main:

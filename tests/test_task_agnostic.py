@@ -171,6 +171,7 @@ def test_real_run_writes_task_agnostic_matrix(tmp_path, overlap_root, strategy):
     # right over the union is right over its own task's classes
     assert (ta <= np.asarray(results.rows) + 1e-9).all()
     assert (tmp_path / "runs" / "tiny" / "task_agnostic_matrix.csv").is_file()
+    assert data["meta"]["task_agnostic"] == {"classes": 7, "templates": "task", "shared_names": {"red": [0, 1]}}
     if strategy == "naive":  # the task-incremental matrix is the same with the mode off
         off = tiny_config(overlap_root, tmp_path / "off", strategies=[entry], eval={"batch_size": 5},
                           train={"lr": 1e-2, "iterations": 3, "batch_size": 6})
