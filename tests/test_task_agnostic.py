@@ -253,3 +253,28 @@ def test_prefetch_lists_the_xtail_datasets(tmp_path, overlap_root):
     cfg = parse_config({**tiny_config(overlap_root, tmp_path), "stream": {"name": "xtail", "root": str(tmp_path), "order": "II"}})
     names = [n.label for n in needs_of(cfg) if n.label.startswith("dataset ")]
     assert names == [f"dataset {d}" for d in XTAIL_ORDERS["II"]]
+
+
+def test_wandb_logs_the_task_agnostic_rows(tmp_path, overlap_root):
+    import subprocess
+    import sys
+
+    cfg = tiny_config(overlap_root, tmp_path / "runs", eval={"task_agnostic": True, "batch_size": 5},
+                      logging={"wandb": {"mode": "offline", "project": "tests"}, "plots": False, "progress": False})
+    cfg["stream"]["tasks"] = ["warm", "rgb"]
+    results = execute(build_run(parse_config(cfg)), quiet=True)
+    (wandb_file,) = list((tmp_path / "runs").rglob("*.wandb"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(wandb_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip().startswith("{")]
+    text = json.dumps([r for r in records if r.get("type") == "history"])
+    assert "task_agnostic/warm" in text and "task_agnostic/rgb" in text
+    proc = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", "--summary", str(wandb_file.parent.parent)],
+                          capture_output=True, text=True, timeout=120)
+    summary = json.loads(proc.stdout)["summary"]
+    assert summary["task_agnostic_matrix"]["nrows"] == 3
+    expected = results.summary()["extra"]["task_agnostic"]
+    assert summary["extra/task_agnostic/last"] == pytest.approx(expected["last"])
+    assert summary["extra/task_agnostic/bwt"] == pytest.approx(expected["bwt"])
+    assert summary["task_agnostic/rgb"] == pytest.approx(results.matrix("task_agnostic")[-1, 1])
