@@ -472,12 +472,18 @@ class MTILStreamParams(BaseModel):
 @STREAMS.register("mtil", MTILStreamParams, help="MTIL: 11 datasets, orders I/II, torchvision or image folders")
 def build_mtil_stream(params: MTILStreamParams, **context: Any) -> StreamData:
     """Build the MTIL tasks (and the optional ImageNet control set)."""
+    return build_mtil_datasets(params, mtil_task_names(params.order, params.tasks))
+
+
+def build_mtil_datasets(params: MTILStreamParams, names: Sequence[str]) -> StreamData:
+    """The tasks ``names`` (MTIL datasets, in stream order) built as ``params`` says, and
+    the optional ImageNet control set; shared by the ``mtil`` and ``xtail`` streams."""
+    names = list(names)
     root = Path(params.root).expanduser()
     if params.format == "image_folder" and not root.is_dir():
         raise UserError(f"stream.root: folder {root} does not exist")
     if params.format == "torchvision" and not params.download and not root.is_dir():
         raise UserError(f"stream.root: folder {root} does not exist (set stream.download: true to fetch the datasets)")
-    names = mtil_task_names(params.order, params.tasks)
     for key, mapping in (("stream.templates", params.templates), ("stream.classnames", params.classnames)):
         unknown = sorted(set(mapping) - set(names))
         if unknown:

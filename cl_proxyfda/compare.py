@@ -108,6 +108,8 @@ __all__ = [
     "VariantRow",
     "ComparisonResult",
     "METRIC_COLUMNS",
+    "TASK_AGNOSTIC_COLUMNS",
+    "table_columns",
     "load_comparison",
     "plan_comparison",
     "run_comparison",
@@ -157,6 +159,14 @@ PROBE_COLUMNS: tuple[tuple[str, str, int], ...] = (
 )
 META_KEYS = ("trainable_params", "wall_seconds", "peak_memory_mb")
 LEDGER_KEYS = ("inference_params_added", "synthetic_images", "reference_images", "teacher_mb", "device_hours")
+# Task-agnostic (X-TAIL, eval.task_agnostic) metrics: key -> the extra matrix's summary
+# key; the table shows these columns only when some run has the matrix.
+TASK_AGNOSTIC_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("ta_transfer", "TA Transfer", 1),
+    ("ta_avg", "TA Avg", 1),
+    ("ta_last", "TA Last", 1),
+    ("ta_bwt", "TA BWT", 1),
+)
 
 
 # ------------------------------------------------------------------------- schema
@@ -546,6 +556,10 @@ def run_values(results: RunResults) -> dict[str, Optional[float]]:
         else:
             value = results.meta.get(key) if key in META_KEYS else summary.get(key)
         out[key] = None if value is None or not math.isfinite(float(value)) else float(value)
+    agnostic = summary.get("extra", {}).get("task_agnostic", {})
+    for key, _, _ in TASK_AGNOSTIC_COLUMNS:
+        value = agnostic.get(key[len("ta_"):])
+        out[key] = None if value is None or not math.isfinite(float(value)) else float(value)
     return out
 
 
@@ -606,7 +620,7 @@ def summarize_variants(plan: ComparisonPlan, outcomes: Sequence[RunOutcome]) -> 
         mine = [o for o in outcomes if o.run.variant == variant.name]
         done = [o for o in mine if o.results is not None]
         values = [run_values(o.results) for o in done]  # type: ignore[arg-type]
-        per_seed = {key: [v[key] for v in values] for key, _, _ in METRIC_COLUMNS + PROBE_COLUMNS}
+        per_seed = {key: [v[key] for v in values] for key, _, _ in METRIC_COLUMNS + PROBE_COLUMNS + TASK_AGNOSTIC_COLUMNS}
         stats = {key: mean_std(vals) for key, vals in per_seed.items()}
         summaries = [o.results.summary() for o in done]  # type: ignore[union-attr]
         curves = {
@@ -635,12 +649,14 @@ def summarize_variants(plan: ComparisonPlan, outcomes: Sequence[RunOutcome]) -> 
     return rows
 
 
-def metric_columns(rows: Sequence[VariantRow] = ()) -> tuple[tuple[str, str, int], ...]:
-    """The table's columns: :data:`METRIC_COLUMNS`, plus :data:`PROBE_COLUMNS` when a
-    variant in ``rows`` has a control probe value."""
-    if any(row.mean.get(key) is not None for row in rows for key, _, _ in PROBE_COLUMNS):
-        return METRIC_COLUMNS + PROBE_COLUMNS
-    return METRIC_COLUMNS
+def table_columns(rows: Sequence[VariantRow] = ()) -> tuple[tuple[str, str, int], ...]:
+    """The table's columns: :data:`METRIC_COLUMNS`, plus :data:`PROBE_COLUMNS` and
+    :data:`TASK_AGNOSTIC_COLUMNS` when a variant in ``rows`` has their values."""
+    columns = METRIC_COLUMNS
+    for extra in (PROBE_COLUMNS, TASK_AGNOSTIC_COLUMNS):
+        if any(row.mean.get(key) is not None for row in rows for key, _, _ in extra):
+            columns = columns + extra
+    return columns
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
@@ -669,7 +685,7 @@ def format_markdown(name: str, rows: Sequence[VariantRow], description: Optional
         "(100 - mean Avalanche forgetting without a control set).",
         "",
     ]
-    columns = metric_columns(rows)
+    columns = table_columns(rows)
     if len(columns) > len(METRIC_COLUMNS):
         lines[-1:-1] = [
             "Control probe = probe accuracy (eval.control_probe) on the control set's frozen image features "
@@ -692,7 +708,7 @@ def format_markdown(name: str, rows: Sequence[VariantRow], description: Optional
 def csv_columns(rows: Sequence[VariantRow] = ()) -> list[str]:
     """Column names of the CSV (probe columns when a variant of ``rows`` has them)."""
     cols = ["variant", "spec", "grid", "seeds", "n_seeds", "diverged_seeds", "pareto_front"]
-    for key, _, _ in metric_columns(rows):
+    for key, _, _ in table_columns(rows):
         cols += [f"{key}_mean", f"{key}_std"]
     return cols
 
@@ -700,7 +716,7 @@ def csv_columns(rows: Sequence[VariantRow] = ()) -> list[str]:
 def table_lines(rows: Sequence[VariantRow]) -> list[list[Any]]:
     """The table as typed values in :func:`csv_columns` order (``None`` = undefined)."""
     lines = []
-    columns = metric_columns(rows)
+    columns = table_columns(rows)
     for row in rows:
         line: list[Any] = [
             row.name,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cl_proxyfda.adapters import AdapterConfig
 from cl_proxyfda.errors import ConfigError
@@ -126,6 +126,14 @@ class EvalSection(_Strict):
     )
     probe_tasks: bool = Field(False, description="also probe every task's test set (an extra matrix named <probe>_probe)")
     probe_k: int = Field(20, gt=0, le=65536, description="neighbours of the knn probe")
+    task_agnostic: Optional[bool] = Field(
+        None,
+        description="X-TAIL: also classify every test image over the union of all tasks' class names, no task label (default: true for the xtail stream, else false)",
+    )
+    task_agnostic_templates: Optional[Literal["task", "single"]] = Field(
+        None,
+        description="union head: task = each class's template ensemble of the first task naming it; single = 'a photo of a {}.' as RAIL (default: single for xtail, else task)",
+    )
 
 
 class WandbSection(_Strict):
@@ -147,6 +155,7 @@ class CheckpointSection(_Strict):
 
 
 FDA_FAMILY = ("fda", "proxy_fda")  # plugins that build a kNN graph on each batch
+XTAIL_STREAM = "xtail"  # its runs evaluate task-agnostically by default (cl_proxyfda.union)
 
 
 class NamedComponent(BaseModel):
@@ -169,6 +178,17 @@ class RunConfig(_Strict):
     eval: EvalSection = EvalSection()
     logging: LoggingSection = LoggingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+
+    @model_validator(mode="after")
+    def _resolve_task_agnostic(self) -> "RunConfig":
+        """``eval.task_agnostic`` / ``task_agnostic_templates`` left out: the X-TAIL stream's
+        protocol (on, RAIL's single template) for ``stream: xtail``, else off / task."""
+        xtail = self.stream.name == XTAIL_STREAM
+        if self.eval.task_agnostic is None:
+            self.eval.task_agnostic = xtail
+        if self.eval.task_agnostic_templates is None:
+            self.eval.task_agnostic_templates = "single" if xtail else "task"
+        return self
 
     def sampler_layout(self) -> tuple[str, int, int]:
         """(sampler, m classes, n images per class) that the run uses.
@@ -480,6 +500,8 @@ def _check_sections(cfg: RunConfig) -> None:
         raise ConfigError("model.adapter.towers", "text-tower adapters need 'text' in model.train_towers")
     if cfg.model.prompt_learner is not None and adapter is not None:
         raise ConfigError("model.prompt_learner", "prompt tuning trains the context only; remove model.adapter")
+    if cfg.eval.task_agnostic and cfg.model.prompt_learner is not None and cfg.eval.task_agnostic_templates == "single":
+        raise ConfigError("eval.task_agnostic_templates", "single ignores the learned prompts of model.prompt_learner; use task")
     if cfg.train.iterations is not None and cfg.train.epochs is not None:
         raise ConfigError("train.epochs", "set either iterations or epochs, not both")
     if cfg.eval.probe_tasks and cfg.eval.control_probe == "none":

@@ -96,6 +96,56 @@ class TaskEvaluator:
         return 100.0 * correct / max(total, 1)
 
     @torch.no_grad()
+    def accuracy_with_union(
+        self,
+        model: torch.nn.Module,
+        task_id: int,
+        union: Any,
+        templates: str = "task",
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+    ) -> tuple[float, float]:
+        """Top-1 accuracy (%) on test set ``task_id`` with its own vocabulary and, from the
+        same image forward, over the union vocabulary of the stream (no task label).
+
+        ``union``: a :class:`cl_proxyfda.union.UnionVocabulary`; an image counts as
+        correct task-agnostically iff its arg-max union class is its true class name.
+        """
+        from cl_proxyfda.union import union_correct
+
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        device = torch.device(device)
+        mapping = union.task_maps[task_id]
+        correct = correct_union = total = 0
+        try:
+            head = net.class_embeddings(task_id)
+            union_head = net.union_embeddings(union, templates)
+            for b, (x, y) in enumerate(self._batches(task_id)):
+                if b % self.dist.world != self.dist.rank:  # each process scores its share
+                    continue
+                x = x.to(device, non_blocking=True)
+                # the task head's logits exactly as forward_single_task computes them
+                if autocast_dtype is not None:
+                    with torch.autocast(device.type, dtype=autocast_dtype):
+                        feats = net.encode_image(x)
+                        logits = net.logit_scale * feats @ head.t()
+                        union_logits = feats @ union_head.t()
+                else:
+                    feats = net.encode_image(x)
+                    logits = net.logit_scale * feats @ head.t()
+                    union_logits = feats @ union_head.t()
+                correct += int((logits.argmax(dim=1).cpu() == y).sum())
+                correct_union += union_correct(union_logits, y, mapping)
+                total += len(y)
+        finally:
+            net.train(was_training)
+        on = device if self.dist.enabled and device.type == "cuda" else "cpu"
+        correct, correct_union, total = sum_across([correct, correct_union, total], on)
+        return 100.0 * correct / max(total, 1), 100.0 * correct_union / max(total, 1)
+
+    @torch.no_grad()
     def features(self, model: torch.nn.Module, task_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """Normalised image embeddings and labels of test set ``task_id``."""
         net = unwrap(model)

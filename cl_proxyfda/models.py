@@ -112,6 +112,7 @@ class TaskVocabulary:
 class _TextCache:
     version: int = -1
     heads: dict[int, Tensor] = field(default_factory=dict)
+    union: dict[Any, Tensor] = field(default_factory=dict)  # task-agnostic heads (cl_proxyfda.union)
 
 
 class _FeatureSink(dict):
@@ -284,6 +285,33 @@ class CLIPTaskModel(MultiTaskModule):
             with torch.no_grad():
                 head = self._compute_head(task_id)
             self._cache.heads[task_id] = head
+        return head
+
+    def union_embeddings(self, union: Any, templates: str = "task") -> Tensor:
+        """Normalised embeddings of the classes of a ``cl_proxyfda.union.UnionVocabulary``.
+
+        ``task``: each class's row of the head of the first task naming it (its template
+        ensemble, or the learned prompts). ``single``: one ``"a photo of a {}."`` prompt
+        per class (RAIL's union head). Cached while the text tower is unchanged.
+        """
+        from cl_proxyfda.union import SINGLE_TEMPLATE, union_head_from_task_heads
+
+        if templates not in ("task", "single"):
+            raise ValueError(f"unknown union templates {templates!r} (use task, single)")
+        if self._cache.version != self._text_version:
+            self._cache = _TextCache(version=self._text_version)
+        key = (templates, union.classnames, union.source)
+        head = self._cache.union.get(key)
+        if head is not None and self.prompt_learner is None:
+            return head
+        with torch.no_grad():
+            if templates == "task":
+                tasks = sorted({t for t, _ in union.source})
+                head = union_head_from_task_heads(union, {t: self.class_embeddings(t) for t in tasks})
+            else:
+                head = self.encode_text([SINGLE_TEMPLATE.format(c) for c in union.classnames])
+                self.text_encode_calls += 1
+        self._cache.union[key] = head
         return head
 
     # ----------------------------------------------------------------- forward

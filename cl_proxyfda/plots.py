@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["plot_accuracy_matrix", "plot_stability_plasticity", "render_all"]
 
 DPI = 110
+# Extra matrices that are accuracies in % (same 0..100 scale as the accuracy matrix).
+PERCENT_MATRICES = {"task_agnostic": "Task-agnostic accuracy (%, union vocabulary)"}
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -53,7 +55,7 @@ def plot_accuracy_matrix(results: "RunResults", path: str | Path, name: str | No
     n_rows, n_cols = grid.shape
     fig = Figure(figsize=(1.6 + 0.62 * n_cols, 1.2 + 0.45 * n_rows))
     ax = fig.add_subplot()
-    if name is None:
+    if name is None or name in PERCENT_MATRICES:
         vmin, vmax, unit = 0.0, 100.0, "%"
     else:  # an extra matrix keeps its own scale
         finite = grid[np.isfinite(grid)]
@@ -79,7 +81,7 @@ def plot_accuracy_matrix(results: "RunResults", path: str | Path, name: str | No
                   fontsize=font + 1)
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after experience")
-    title = "Accuracy (%)" if name is None else name
+    title = "Accuracy (%)" if name is None else PERCENT_MATRICES.get(name, name)
     if not results.complete:
         title += f"  ({max(results.experiences_done, 0)}/{n_tasks} experiences)"
     ax.set_title(title)

@@ -82,15 +82,19 @@ def _pipeline_needs(cfg: RunConfig) -> list[Need]:
 
 
 def _dataset_needs(cfg: RunConfig) -> list[Need]:
-    if cfg.stream.name != "mtil":
+    if cfg.stream.name not in ("mtil", "xtail"):
         return [Need(f"stream {cfg.stream.name}", note="local data, nothing to download")]
-    from cl_proxyfda.benchmarks import mtil
+    from cl_proxyfda.benchmarks import mtil, xtail
 
-    params = mtil.MTILStreamParams(**cfg.stream.args)
+    if cfg.stream.name == "xtail":  # MTIL's datasets without CIFAR100
+        params = xtail.XTAILStreamParams(**cfg.stream.args)
+        names = xtail.xtail_task_names(params.order, params.tasks)
+    else:
+        params = mtil.MTILStreamParams(**cfg.stream.args)
+        names = mtil.mtil_task_names(params.order, params.tasks)
     root = Path(params.root).expanduser()
-    names = mtil.mtil_task_names(params.order, params.tasks)
     if params.format != "torchvision":
-        return [Need(f"stream mtil ({params.format})", note=f"image folders under {root}, nothing to download")]
+        return [Need(f"stream {cfg.stream.name} ({params.format})", note=f"image folders under {root}, nothing to download")]
 
     def getter(name: str) -> Callable[[], str]:
         def get() -> str:

@@ -50,6 +50,10 @@ MAX_MATRIX_TASKS = 100
 EXTRA_SUMMARY_KEYS = (
     "transfer", "avg", "last", "bwt", "forgetting_avalanche", "forgetting_max", "plasticity",
 )
+# Titles of known extra matrices in the text table (others show their name).
+EXTRA_TITLES = {
+    "task_agnostic": "Task-agnostic accuracy (%, union of all tasks' classes, no task label)",
+}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -378,11 +382,12 @@ class RunResults:
         for extra_name, rows in self.extra_matrices.items():
             lines.append("")
             if not wide:
-                lines.extend(self._format_matrix(rows, extra_name, with_control=False))
+                lines.extend(self._format_matrix(rows, EXTRA_TITLES.get(extra_name, extra_name), with_control=False))
             es = s["extra"][extra_name]
             lines.append(
                 f"  Transfer {_fmt(es['transfer'])}   Avg {_fmt(es['avg'])}   "
                 f"Last {_fmt(es['last'])}"
+                + (f"   BWT {_fmt(es['bwt'])}" if extra_name in EXTRA_TITLES else "")
             )
         return "\n".join(lines)
 

@@ -303,10 +303,38 @@ def _load_plugin_states(run: Run, states: dict[str, Any], source: Path) -> None:
         plugin.load_state_dict(states[key], **({"model": run.model} if takes_model else {}))
 
 
+TASK_AGNOSTIC = "task_agnostic"  # name of the X-TAIL extra matrix (cl_proxyfda.union)
+
+
+def stream_union(run: Run) -> Any:
+    """The union vocabulary of the stream's tasks (built once per run)."""
+    if "union" not in run.extra:
+        from cl_proxyfda.union import build_union
+
+        run.extra["union"] = build_union([t.vocabulary for t in run.stream.tasks])
+    return run.extra["union"]
+
+
+def task_agnostic_meta(run: Run) -> dict[str, Any]:
+    """What metrics.json records of the union: its size, head templates and shared names."""
+    union = stream_union(run)
+    return {"classes": union.num_classes, "templates": run.config.eval.task_agnostic_templates, "shared_names": union.shared()}
+
+
 def evaluate_row(run: Run) -> tuple[list[float], float | None]:
-    """Accuracy on every task, and on the control set when there is one."""
+    """Accuracy on every task, and on the control set when there is one.
+
+    With ``eval.task_agnostic`` the same image forward also scores each task over the
+    union vocabulary; that row waits in ``run.extra`` for :func:`extra_rows`.
+    """
     n = len(run.stream.tasks)
-    row = [run.evaluator.accuracy(run.model, t, device=run.device, autocast_dtype=run.amp) for t in range(n)]
+    if run.config.eval.task_agnostic:
+        union, templates = stream_union(run), run.config.eval.task_agnostic_templates or "task"
+        pairs = [run.evaluator.accuracy_with_union(run.model, t, union, templates, device=run.device, autocast_dtype=run.amp) for t in range(n)]
+        row = [own for own, _ in pairs]
+        run.extra["task_agnostic_row"] = [agnostic for _, agnostic in pairs]
+    else:
+        row = [run.evaluator.accuracy(run.model, t, device=run.device, autocast_dtype=run.amp) for t in range(n)]
     control = None
     if run.stream.control is not None and run.config.eval.control:
         control = run.evaluator.accuracy(run.model, n, device=run.device, autocast_dtype=run.amp)
@@ -314,12 +342,16 @@ def evaluate_row(run: Run) -> tuple[list[float], float | None]:
 
 
 def extra_rows(run: Run) -> dict[str, list[float]] | None:
-    """Rows of the extra matrices: image retrieval mAP@k and Recall@1 with eval.retrieval."""
-    if not run.config.eval.retrieval:
-        return None
-    from cl_proxyfda.retrieval import retrieval_row
+    """Rows of the extra matrices: image retrieval mAP@k and Recall@1 with eval.retrieval,
+    task-agnostic accuracy with eval.task_agnostic (scored by :func:`evaluate_row`)."""
+    out: dict[str, list[float]] = {}
+    if run.config.eval.task_agnostic:
+        out[TASK_AGNOSTIC] = run.extra.pop("task_agnostic_row")
+    if run.config.eval.retrieval:
+        from cl_proxyfda.retrieval import retrieval_row
 
-    return retrieval_row(run.model, run.evaluator, len(run.stream.tasks), run.device, k=run.config.eval.retrieval_k)
+        out.update(retrieval_row(run.model, run.evaluator, len(run.stream.tasks), run.device, k=run.config.eval.retrieval_k))
+    return out or None
 
 
 def execute(run: Run, resume: bool = False, quiet: bool = False) -> Any:
@@ -415,6 +447,8 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
     if results is None:
         results = RunResults(task_names=run.task_names)
         results.meta.update({"name": cfg.run.name, "strategies": [s.name for s in cfg.strategies], "seed": cfg.run.seed, "trainable_params": _trainable_count(run.model), "device": str(run.device)})
+        if cfg.eval.task_agnostic:
+            results.meta[TASK_AGNOSTIC] = task_agnostic_meta(run)
         row, control = evaluate_row(run)
         probe = probe_row(run)
         results.meta.update(probe.meta)
