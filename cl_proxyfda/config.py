@@ -76,6 +76,9 @@ class TrainSection(_Strict):
     images_per_class: int = Field(4, gt=0, description="class_balanced sampler: n")
     hard_class_mining: bool = True
     augment: bool = Field(True, description="use the model's training augmentation (false: the eval transform)")
+    text_templates: Literal["first", "ensemble"] = Field(
+        "first", description="training heads from each task's first template (as ZSCL/GIFT train) or every template; evaluation uses every template"
+    )
 
     @field_validator("lr_per_task")
     @classmethod
