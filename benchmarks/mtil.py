@@ -400,6 +400,9 @@ class MTILStreamParams(BaseModel):
     tasks: list[str] | None = Field(None, description="subset of the 11 datasets (the order's sequence is kept)")
     download: bool = Field(False, description="let torchvision download missing datasets (user's machine only)")
     format: Literal["torchvision", "image_folder"] = Field("torchvision", description="how the datasets are stored")
+    formats: dict[str, Literal["torchvision", "image_folder"]] = Field(
+        default_factory=dict, description="per-task format override (a root holding both kinds)"
+    )
     shots: int | None = Field(None, ge=1, description="few-shot MTIL: training images per class (5 or 16 in the papers)")
     seed: int = Field(0, description="seed of the few-shot draw and of the size limits")
     train_limit: int | None = Field(None, ge=1, description="at most this many training images per task (seeded)")
@@ -420,16 +423,18 @@ class MTILStreamParams(BaseModel):
 def build_mtil_stream(params: MTILStreamParams, **context: Any) -> StreamData:
     """Build the MTIL tasks (and the optional ImageNet control set)."""
     root = Path(params.root).expanduser()
-    if params.format == "image_folder" and not root.is_dir():
-        raise UserError(f"stream.root: folder {root} does not exist")
-    if params.format == "torchvision" and not params.download and not root.is_dir():
-        raise UserError(f"stream.root: folder {root} does not exist (set stream.download: true to fetch the datasets)")
     names = mtil_task_names(params.order, params.tasks)
-    for key, mapping in (("stream.templates", params.templates), ("stream.classnames", params.classnames)):
+    formats = {name: params.formats.get(name, params.format) for name in names}
+    if "image_folder" in formats.values() and not root.is_dir():
+        raise UserError(f"stream.root: folder {root} does not exist")
+    if "torchvision" in formats.values() and not params.download and not root.is_dir():
+        raise UserError(f"stream.root: folder {root} does not exist (set stream.download: true to fetch the datasets)")
+    mappings = (("stream.templates", params.templates), ("stream.classnames", params.classnames), ("stream.formats", params.formats))
+    for key, mapping in mappings:
         unknown = sorted(set(mapping) - set(names))
         if unknown:
             raise ConfigError(key, f"unknown task names {unknown} (tasks: {names})")
-    if params.format == "torchvision" and params.classnames:
+    if any(formats[name] == "torchvision" for name in params.classnames):
         raise ConfigError("stream.classnames", "class-name overrides apply to format: image_folder only")
     tasks = []
     for name in names:
@@ -437,7 +442,7 @@ def build_mtil_stream(params: MTILStreamParams, **context: Any) -> StreamData:
             templates = check_templates(params.templates[name], f"stream.templates.{name}")
         else:
             templates = mtil_templates(name)
-        if params.format == "torchvision":
+        if formats[name] == "torchvision":
             task = torchvision_task(name, root, params.download, templates)
         else:
             task = image_folder_task(

@@ -164,6 +164,7 @@ class CLIPTaskModel(MultiTaskModule):
         self.last: dict[str, Any] = {}
         self.text_encode_calls = 0  # how often class heads were computed (tests, bench)
         self.prompts_encoded = 0  # how many prompts went through the text tower (tests, bench)
+        self.head_prompts_encoded = 0  # of those, how many for class heads
         self.prompt_learner: nn.Module | None = None  # CoOp context (cl_proxyfda.prompt_learner)
         self.set_trainable(self.train_towers, freeze_logit_scale)
 
@@ -265,6 +266,7 @@ class CLIPTaskModel(MultiTaskModule):
         flat = [p for group in prompts for p in group]
         emb = self.encode_text(flat).view(len(prompts), len(prompts[0]), -1)
         self.text_encode_calls += 1
+        self.head_prompts_encoded += len(flat)
         return F.normalize(emb.mean(dim=1), dim=-1)
 
     def class_embeddings(self, task_id: int) -> Tensor:

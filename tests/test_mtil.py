@@ -1,9 +1,9 @@
 """MTIL: metadata, orders, templates, splits, and streams built from local files.
 
 Nothing is downloaded: torchvision-format tests write tiny copies of the datasets'
-on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397) for torchvision's own
-dataset classes to read; Aircraft, CIFAR100, Flowers, Food, OxfordPet and StanfordCars
-need their real files (md5-checked archives or .mat metadata) and are not loaded here.
+on-disk layouts (tests/mtil_layouts.py) for torchvision's own dataset classes to read;
+CIFAR100 and Flowers102, whose files torchvision checks by md5, are read as image
+folders.
 """
 from __future__ import annotations
 
@@ -37,18 +37,13 @@ from cl_proxyfda.benchmarks.mtil import (
 )
 from cl_proxyfda.errors import ConfigError, UserError
 from cl_proxyfda.registry import STREAMS
+from mtil_layouts import IMAGE_FOLDER_TASKS, known_classnames, write_idx, write_image, write_mtil_copy
 
 PROTOCOL_COUNTS = {
     "Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10, "Flowers": 102,
     "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196, "SUN397": 397,
 }  # fmt: skip
 OFFLINE_NAMES = {"Caltech101", "EuroSAT", "Flowers", "MNIST", "OxfordPet"}
-
-
-def write_image(path: Path, value: int, size: int = 6, mode: str = "RGB") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
-    Image.fromarray(np.full(shape, value % 256, dtype=np.uint8), mode=mode).save(path)
 
 
 def build(**args):
@@ -230,14 +225,6 @@ def test_config_errors(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- torchvision layouts
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An MNIST idx file (big-endian header, uint8 payload)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    magic = 0x0800 + array.ndim  # 0x08 = unsigned byte
-    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def test_torchvision_mnist(tmp_path: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     rng = np.random.default_rng(0)
@@ -338,3 +325,36 @@ def test_imagenet_control(tmp_path: Path) -> None:
     (val / "n00000999").rmdir()
     with pytest.raises(UserError, match="999 class folders, expected 1000"):
         build(root=str(root), format="image_folder", tasks=["MNIST"], control=str(tmp_path / "imagenet"))
+
+
+def test_every_task_from_one_mixed_root(tmp_path: Path) -> None:
+    """All 11 layouts in one root: torchvision's classes read 9, image folders CIFAR100 and Flowers."""
+    args = write_mtil_copy(tmp_path / "mtil", per_class=2)
+    assert args["formats"] == {"CIFAR100": "image_folder", "Flowers": "image_folder"}
+    data = build(**args)
+    assert [t.name for t in data.tasks] == MTIL_ORDER_I
+    for task in data.tasks:
+        assert len(task.classnames) == PROTOCOL_COUNTS[task.name], task.name
+        assert task.meta["format"] == ("image_folder" if task.name in IMAGE_FOLDER_TASKS else "torchvision"), task.name
+        assert task.templates == mtil_templates(task.name)
+        labels = task.train.targets + task.test.targets
+        assert min(labels) >= 0 and max(labels) < len(task.classnames)
+    by_name = {t.name: t for t in data.tasks}
+    # class names read through torchvision from the written metadata (variants.txt,
+    # Food's meta JSON, StanfordCars' cars_meta.mat, SUN397's ClassName.txt)
+    for name in ("Aircraft", "Food", "StanfordCars", "SUN397", "DTD", "CIFAR100"):
+        assert by_name[name].classnames == known_classnames(name), name
+    cars = by_name["StanfordCars"]
+    assert cars.classnames[0] == "AM General Hummer SUV 2000" and (len(cars.train), len(cars.test)) == (392, 392)
+    assert sorted(cars.test.targets) == sorted(list(range(196)) * 2)
+    pets = by_name["OxfordPet"]
+    assert pets.test.base.classes == mtil_classnames("OxfordPet")  # torchvision's names from the image ids
+    image, label = by_name["Aircraft"].test[5]
+    assert image.mode == "RGB" and label == 2 and np.asarray(image)[0, 0, 0] == 2
+    with pytest.raises(ConfigError, match=r"stream.formats.*\['DTD'\]"):
+        build(**{**args, "tasks": ["MNIST"], "formats": {"DTD": "image_folder"}})
+    two = {"tasks": ["MNIST", "CIFAR100"], "formats": {"CIFAR100": "image_folder"}}
+    with pytest.raises(ConfigError, match="stream.classnames: class-name overrides apply to format: image_folder only"):
+        build(**{**args, **two, "classnames": {"MNIST": [str(d) for d in range(10)]}})
+    cifar = build(**{**args, **two, "classnames": {"CIFAR100": [f"c{k}" for k in range(100)]}}).tasks[1]
+    assert cifar.classnames[:2] == ["c0", "c1"]
