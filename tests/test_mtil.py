@@ -356,5 +356,5 @@ def test_every_task_from_one_mixed_root(tmp_path: Path) -> None:
     two = {"tasks": ["MNIST", "CIFAR100"], "formats": {"CIFAR100": "image_folder"}}
     with pytest.raises(ConfigError, match="stream.classnames: class-name overrides apply to format: image_folder only"):
         build(**{**args, **two, "classnames": {"MNIST": [str(d) for d in range(10)]}})
-    cifar = build(**{**args, **two, "classnames": {"CIFAR100": [f"c{k}" for k in range(100)]}}).tasks[1]
+    cifar = build(**{**args, **two, "classnames": {"CIFAR100": [f"c{k}" for k in range(100)]}}).tasks[0]
     assert cifar.classnames[:2] == ["c0", "c1"]
