@@ -30,7 +30,8 @@ Generator().manual_seed(42))`` as in ZSCL (SUN397's files are sorted by path fir
 since torchvision lists them in file-system order). With ``format: image_folder`` each
 dataset is read from ``root/NAME/{train,test}/CLASS`` (NAME as in ``MTIL_ORDER_I``);
 for datasets with offline class names the folders are matched to them (by name, by
-index, or by sorted position with ``folder_classes: sorted``).
+index, or by sorted position with ``folder_classes: sorted``). ``formats`` sets the
+format per task, for a root that holds both kinds.
 """
 from __future__ import annotations
 
