@@ -30,7 +30,8 @@ Generator().manual_seed(42))`` as in ZSCL (SUN397's files are sorted by path fir
 since torchvision lists them in file-system order). With ``format: image_folder`` each
 dataset is read from ``root/NAME/{train,test}/CLASS`` (NAME as in ``MTIL_ORDER_I``);
 for datasets with offline class names the folders are matched to them (by name, by
-index, or by sorted position with ``folder_classes: sorted``).
+index, or by sorted position with ``folder_classes: sorted``). ``formats`` sets the
+format per task, for a root that holds both kinds.
 """
 from __future__ import annotations
 
@@ -453,6 +454,9 @@ class MTILStreamParams(BaseModel):
         DEFAULT_PROTOCOL,
         description="vocabulary: zscl = class names and templates of the ZSCL/GIFT code (published numbers); clip_benchmark = clip-benchmark's",
     )
+    formats: dict[str, Literal["torchvision", "image_folder"]] = Field(
+        default_factory=dict, description="per-task format override (a root holding both kinds)"
+    )
     shots: int | None = Field(None, ge=1, description="few-shot MTIL: training images per class (5 or 16 in the papers)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the few-shot draw and of the size limits")
     train_limit: int | None = Field(None, ge=1, description="at most this many training images per task (seeded)")
@@ -480,15 +484,17 @@ def build_mtil_datasets(params: MTILStreamParams, names: Sequence[str]) -> Strea
     the optional ImageNet control set; shared by the ``mtil`` and ``xtail`` streams."""
     names = list(names)
     root = Path(params.root).expanduser()
-    if params.format == "image_folder" and not root.is_dir():
+    formats = {name: params.formats.get(name, params.format) for name in names}
+    if "image_folder" in formats.values() and not root.is_dir():
         raise UserError(f"stream.root: folder {root} does not exist")
-    if params.format == "torchvision" and not params.download and not root.is_dir():
+    if "torchvision" in formats.values() and not params.download and not root.is_dir():
         raise UserError(f"stream.root: folder {root} does not exist (set stream.download: true to fetch the datasets)")
-    for key, mapping in (("stream.templates", params.templates), ("stream.classnames", params.classnames)):
+    mappings = (("stream.templates", params.templates), ("stream.classnames", params.classnames), ("stream.formats", params.formats))
+    for key, mapping in mappings:
         unknown = sorted(set(mapping) - set(names))
         if unknown:
             raise ConfigError(key, f"unknown task names {unknown} (tasks: {names})")
-    if params.format == "torchvision" and params.classnames:
+    if any(formats[name] == "torchvision" for name in params.classnames):
         raise ConfigError("stream.classnames", "class-name overrides apply to format: image_folder only")
     tasks = []
     for name in names:
@@ -496,7 +502,7 @@ def build_mtil_datasets(params: MTILStreamParams, names: Sequence[str]) -> Strea
             templates = check_templates(params.templates[name], f"stream.templates.{name}")
         else:
             templates = mtil_templates(name, params.protocol)
-        if params.format == "torchvision":
+        if formats[name] == "torchvision":
             task = torchvision_task(name, root, params.download, templates, params.protocol)
         else:
             task = image_folder_task(

@@ -105,6 +105,9 @@ class TrainSection(_Strict):
     hard_class_mining: bool = True
     mining_temperature: float = Field(0.5, gt=0, description="hard mining softness, in standard deviations of a class's similarities")
     augment: bool = Field(True, description="use the model's training augmentation (false: the eval transform)")
+    text_templates: Literal["first", "ensemble"] = Field(
+        "first", description="training heads from each task's first template (as ZSCL/GIFT train) or every template; evaluation uses every template"
+    )
 
     @field_validator("lr_per_task")
     @classmethod

@@ -107,11 +107,20 @@ class TaskVocabulary:
     def prompts(self) -> list[list[str]]:
         return [[t.format(c) for t in self.templates] for c in self.classnames]
 
+    def training_prompts(self, mode: str = "first") -> list[list[str]]:
+        """Prompts of the training heads: the first template only, or the ensemble."""
+        if mode == "ensemble":
+            return self.prompts()
+        return [[self.templates[0].format(c)] for c in self.classnames]
+
+
+TEXT_TEMPLATE_MODES = ("first", "ensemble")
+
 
 @dataclass
 class _TextCache:
     version: int = -1
-    heads: dict[int, Tensor] = field(default_factory=dict)
+    heads: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     union: dict[Any, Tensor] = field(default_factory=dict)  # task-agnostic heads (cl_proxyfda.union)
 
 
@@ -143,6 +152,9 @@ class CLIPTaskModel(MultiTaskModule):
         tasks: the vocabulary of every task, indexed by task label.
         train_towers: which towers receive gradients: ``image``, ``text`` or both.
         freeze_logit_scale: keep the temperature fixed (the usual choice).
+        text_templates: prompts of the training heads: ``first`` (the task's first
+            template, one prompt per class, as ZSCL's and GIFT's code train) or
+            ``ensemble`` (every template). Evaluation always uses the ensemble.
     """
 
     def __init__(
@@ -152,8 +164,12 @@ class CLIPTaskModel(MultiTaskModule):
         tasks: Sequence[TaskVocabulary] = (),
         train_towers: Iterable[str] = ("image",),
         freeze_logit_scale: bool = True,
+        text_templates: str = "first",
     ) -> None:
         super().__init__()
+        if text_templates not in TEXT_TEMPLATE_MODES:
+            raise UserError(f"train.text_templates: must be first or ensemble (got {text_templates!r})")
+        self.text_templates = text_templates
         self.clip = clip
         self.tokenizer = tokenizer
         self.tasks: list[TaskVocabulary] = list(tasks)
@@ -165,6 +181,8 @@ class CLIPTaskModel(MultiTaskModule):
         self._sink = _FeatureSink()
         self.last: dict[str, Any] = {}
         self.text_encode_calls = 0  # how often class heads were computed (tests, bench)
+        self.prompts_encoded = 0  # how many prompts went through the text tower (tests, bench)
+        self.head_prompts_encoded = 0  # of those, how many for class heads
         self.prompt_learner: nn.Module | None = None  # CoOp context (cl_proxyfda.prompt_learner)
         self.set_trainable(self.train_towers, freeze_logit_scale)
 
@@ -254,37 +272,47 @@ class CLIPTaskModel(MultiTaskModule):
 
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> Tensor:
         device = self.clip.logit_scale.device
-        tokens = self.tokenizer(list(texts)).to(device)
+        texts = list(texts)
+        tokens = self.tokenizer(texts).to(device)
+        self.prompts_encoded += len(texts)
         feats = self.clip.encode_text(tokens)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def _compute_head(self, task_id: int) -> Tensor:
+    def _compute_head(self, task_id: int, mode: str = "ensemble") -> Tensor:
         vocab = self.tasks[task_id]
-        prompts = vocab.prompts()
+        prompts = vocab.training_prompts(mode)
         flat = [p for group in prompts for p in group]
-        emb = self.encode_text(flat).view(len(vocab.classnames), len(vocab.templates), -1)
+        emb = self.encode_text(flat).view(len(prompts), len(prompts[0]), -1)
         self.text_encode_calls += 1
+        self.head_prompts_encoded += len(flat)
         return F.normalize(emb.mean(dim=1), dim=-1)
 
     def class_embeddings(self, task_id: int) -> Tensor:
-        """Normalised class embeddings of a task (template ensemble).
+        """Normalised class embeddings of a task.
 
-        Cached while the text tower is unchanged; recomputed with gradients at every
-        call when the text tower trains and the model is in training mode.
+        In training mode with gradients enabled the heads come from the training
+        prompts (``text_templates``: the first template, or the ensemble), recomputed
+        with gradients at every call when the text tower trains. Otherwise (evaluation,
+        ``no_grad``) the template ensemble. Heads without gradients are cached while
+        the text tower is unchanged.
         """
         if task_id < 0 or task_id >= len(self.tasks):
             raise IndexError(f"task label {task_id} has no vocabulary ({len(self.tasks)} tasks known)")
         if self.prompt_learner is not None:  # learned prompts (cached by the learner itself)
             return self.prompt_learner.class_embeddings(task_id)
-        if self.training and self.text_trainable and torch.is_grad_enabled():
-            return self._compute_head(task_id)
+        training = self.training and torch.is_grad_enabled()
+        mode = self.text_templates if training else "ensemble"
+        if training and self.text_trainable:
+            return self._compute_head(task_id, mode)
+        if len(self.tasks[task_id].templates) == 1:
+            mode = "ensemble"  # one template: the same head either way
         if self._cache.version != self._text_version:
             self._cache = _TextCache(version=self._text_version)
-        head = self._cache.heads.get(task_id)
+        head = self._cache.heads.get((task_id, mode))
         if head is None:
             with torch.no_grad():
-                head = self._compute_head(task_id)
-            self._cache.heads[task_id] = head
+                head = self._compute_head(task_id, mode)
+            self._cache.heads[(task_id, mode)] = head
         return head
 
     def union_embeddings(self, union: Any, templates: str = "task") -> Tensor:
@@ -364,8 +392,9 @@ def build_task_model(
     train_towers: Iterable[str] = ("image",),
     freeze_logit_scale: bool = True,
     device: str | torch.device = "cpu",
+    text_templates: str = "first",
 ) -> tuple[CLIPTaskModel, Callable, Callable]:
     """Create the task model and its train/eval transforms in one call."""
     clip, pre_train, pre_eval, tokenizer = create_clip(name, pretrained, device=device)
-    model = CLIPTaskModel(clip, tokenizer, tasks, train_towers, freeze_logit_scale)
+    model = CLIPTaskModel(clip, tokenizer, tasks, train_towers, freeze_logit_scale, text_templates)
     return model, pre_train, pre_eval

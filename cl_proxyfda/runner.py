@@ -176,7 +176,8 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
             raise UserError(f"train.lr_per_task: unknown task {name!r} (tasks: {', '.join(t.name for t in tasks)})")
     vocab = [t.vocabulary for t in tasks] + ([stream.control.vocabulary] if stream.control is not None else [])
     model, pre_train, pre_eval = build_task_model(
-        cfg.model.name, cfg.model.pretrained, vocab, cfg.model.train_towers, cfg.model.freeze_logit_scale, device="cpu"
+        cfg.model.name, cfg.model.pretrained, vocab, cfg.model.train_towers, cfg.model.freeze_logit_scale, device="cpu",
+        text_templates=cfg.train.text_templates,
     )
     if cfg.model.adapter is not None:
         from cl_proxyfda.adapters import inject_adapters

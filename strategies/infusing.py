@@ -324,7 +324,8 @@ class CosineHeadPlugin(CLPlugin):
         return self.heads.get(int(task))
 
     def _make_head(self, strategy: Any, task: int) -> nn.Parameter:
-        text = unwrap(strategy.model).class_embeddings(task).detach().float()
+        with torch.no_grad():  # the zero-shot head: the template ensemble, not the training prompts
+            text = unwrap(strategy.model).class_embeddings(task).detach().float()
         if self.init == "text":
             weight = text.clone()
         else:

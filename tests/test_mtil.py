@@ -38,6 +38,7 @@ from cl_proxyfda.benchmarks.mtil import (
 )
 from cl_proxyfda.errors import ConfigError, UserError
 from cl_proxyfda.registry import STREAMS
+from mtil_layouts import IMAGE_FOLDER_TASKS, known_classnames, write_mtil_copy
 
 PROTOCOL_COUNTS = {
     "Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10, "Flowers": 102,
@@ -368,3 +369,36 @@ def test_imagenet_control(tmp_path: Path) -> None:
     (val / "n00000999").rmdir()
     with pytest.raises(UserError, match="999 class folders, expected 1000"):
         build(root=str(root), format="image_folder", tasks=["MNIST"], control=str(tmp_path / "imagenet"))
+
+
+def test_every_task_from_one_mixed_root(tmp_path: Path) -> None:
+    """All 11 layouts in one root: torchvision's classes read 9, image folders CIFAR100 and Flowers."""
+    args = write_mtil_copy(tmp_path / "mtil", per_class=2)
+    assert args["formats"] == {"CIFAR100": "image_folder", "Flowers": "image_folder"}
+    data = build(**args)
+    assert [t.name for t in data.tasks] == MTIL_ORDER_I
+    for task in data.tasks:
+        assert len(task.classnames) == PROTOCOL_COUNTS[task.name], task.name
+        assert task.meta["format"] == ("image_folder" if task.name in IMAGE_FOLDER_TASKS else "torchvision"), task.name
+        assert task.templates == mtil_templates(task.name)
+        labels = task.train.targets + task.test.targets
+        assert min(labels) >= 0 and max(labels) < len(task.classnames)
+    by_name = {t.name: t for t in data.tasks}
+    # class names read through torchvision from the written metadata (variants.txt,
+    # Food's meta JSON, StanfordCars' cars_meta.mat, SUN397's ClassName.txt)
+    for name in ("Aircraft", "Food", "StanfordCars", "SUN397", "DTD", "CIFAR100"):
+        assert by_name[name].classnames == known_classnames(name), name
+    cars = by_name["StanfordCars"]
+    assert cars.classnames[0] == "AM General Hummer SUV 2000" and (len(cars.train), len(cars.test)) == (392, 392)
+    assert sorted(cars.test.targets) == sorted(list(range(196)) * 2)
+    pets = by_name["OxfordPet"]
+    assert pets.test.base.classes == mtil_classnames("OxfordPet")  # torchvision's names from the image ids
+    image, label = by_name["Aircraft"].test[5]
+    assert image.mode == "RGB" and label == 2 and np.asarray(image)[0, 0, 0] == 2
+    with pytest.raises(ConfigError, match=r"stream.formats.*\['DTD'\]"):
+        build(**{**args, "tasks": ["MNIST"], "formats": {"DTD": "image_folder"}})
+    two = {"tasks": ["MNIST", "CIFAR100"], "formats": {"CIFAR100": "image_folder"}}
+    with pytest.raises(ConfigError, match="stream.classnames: class-name overrides apply to format: image_folder only"):
+        build(**{**args, **two, "classnames": {"MNIST": [str(d) for d in range(10)]}})
+    cifar = build(**{**args, **two, "classnames": {"CIFAR100": [f"c{k}" for k in range(100)]}}).tasks[0]
+    assert cifar.classnames[:2] == ["c0", "c1"]
