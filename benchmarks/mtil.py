@@ -9,7 +9,7 @@ Vocabularies (class names and templates; ``stream.protocol``), nothing downloade
   read from the torchvision dataset at build time with ``_`` replaced by a space, as ZSCL
   does (MNIST: ``"0 - zero"``..., SUN397: ``"apartment building/outdoor"``).
 - ``clip_benchmark``: clip-benchmark's ``en_zeroshot_classification_templates.json``
-  (``{c}`` rewritten as ``{}``; Aircraft's, EuroSAT's and MNIST's protocol.md prompt forced
+  (``{c}`` rewritten as ``{}``; Aircraft's, EuroSAT's and MNIST's training prompt (docs/protocol.md) forced
   first, as clip-benchmark 1.6.2 already lists them) and ``en_classnames.json`` for
   Caltech101 (minus the leading "background": torchvision drops BACKGROUND_Google),
   EuroSAT, Flowers (CLIP's curated names), MNIST (``"0"``...) and OxfordPet; Aircraft and
@@ -93,7 +93,7 @@ class MTILDatasetInfo:
     num_classes: int
     benchmark_key: str  # key in clip-benchmark's JSON files
     split: str  # how train/test are made with format: torchvision
-    first_template: str | None = None  # the training prompt protocol.md names
+    first_template: str | None = None  # the training prompt docs/protocol.md names
 
 
 MTIL_DATASETS: dict[str, MTILDatasetInfo] = {

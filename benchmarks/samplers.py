@@ -39,7 +39,7 @@ class ClassBalancedBatchSampler:
 
     Args:
         targets: label of every dataset item.
-        m_classes, n_per_class: batch layout (default 16 x 4 = 64, methods.md step 8).
+        m_classes, n_per_class: batch layout (default 16 x 4 = 64, docs/methods.md section 1, step 8).
         iterations: batches per pass (``len(sampler)``).
         seed: random seed.
         class_similarity: ``(C, C)`` similarity of classes indexed by label value, e.g.

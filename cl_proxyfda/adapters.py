@@ -1,6 +1,6 @@
 """Parameter-efficient adapters for open_clip towers: VeFA, LoRFA and the LoRA baseline.
 
-Feature-space adapters (methods.md section 5) transform the *input* of a frozen linear
+Feature-space adapters (docs/methods.md section 5) transform the *input* of a frozen linear
 map instead of adding a weight delta:
 
 - **VeFA**  ``h = W (s * x) + b``, a trainable vector ``s`` (size d_in, init 1).

@@ -4,7 +4,7 @@ Shared by the ``gift`` plugin (``strategies/gift.py``) and ``cl-proxyfda generat
 that both use the same plan and the same cache folder:
 
 - :func:`experience_prompt_pool`: base concepts with the base template plus the classes
-  of every *previous* task with that task's first template (methods.md section 2);
+  of every *previous* task with that task's first template (docs/methods.md section 2);
 - :func:`plan_experience`: ``N`` prompts drawn uniformly with replacement and one seed
   per image, both derived from ``(seed, experience)`` only, and the cache folder
   ``<cache root>/<generator>-<hash of its config>/<stream>/<order>/experience_<i>``;

@@ -1,4 +1,4 @@
-"""GIFT's prompt pool: what the text-to-image model is asked to draw (methods.md section 2).
+"""GIFT's prompt pool: what the text-to-image model is asked to draw (docs/methods.md section 2).
 
 The pool holds every class name of a broad concept list written with a base template
 ("a photo of a {}.") plus the classes of every *previous* task written with that task's

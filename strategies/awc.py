@@ -1,4 +1,4 @@
-"""AWC: adaptive weight consolidation (methods.md section 3), and the synthetic-loss hook.
+"""AWC: adaptive weight consolidation (docs/methods.md section 3), and the synthetic-loss hook.
 
 ``L_AWC = lambda * sum_n sum(F_n * (theta_n - theta_prev_n)^2)`` with ``theta_prev`` the
 trainable parameters at the start of the experience and ``F_n = g_n^2 / (mean(g_n^2) +
@@ -115,7 +115,7 @@ def release_synthetic_terms(strategy: Any) -> None:
 
 # ---------------------------------------------------------------------- plugin
 class AWCParams(BaseModel):
-    """Options of the ``awc`` strategy (methods.md section 3)."""
+    """Options of the ``awc`` strategy (docs/methods.md section 3)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weight: float = Field(1.0, ge=0, description="lambda in lambda * sum F (theta - theta_prev)^2")

@@ -6,7 +6,7 @@ embeddings of the learned prompts); the plugin owns nothing and only checks that
 model classifies with a prompt learner (``model.prompt_learner``) whose context is the
 only trainable tensor.
 
-``prompt_fda`` (``PromptFDAPlugin``): Proxy-FDA (methods.md section 1) with *classes in
+``prompt_fda`` (``PromptFDAPlugin``): Proxy-FDA (docs/methods.md section 1) with *classes in
 place of images*. Per training iteration:
 
 1. Anchors: **all C classes of the current task**, every iteration. When C is below

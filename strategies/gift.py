@@ -1,4 +1,4 @@
-"""GIFT: synthetic-replay distillation with a text-to-image model (methods.md section 2).
+"""GIFT: synthetic-replay distillation with a text-to-image model (docs/methods.md section 2).
 
 Per experience the teacher is the model at the end of the previous experience (the
 pre-trained model for the first); a synthetic set of ``images_per_experience`` image-

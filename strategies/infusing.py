@@ -1,6 +1,6 @@
 """Infusing (Ypsilantis et al., 2025): vision-only fine-tuning with a regulariser mix.
 
-The recipe of methods.md section 6 as four plugins that work alone or together:
+The recipe of docs/methods.md section 6 as four plugins that work alone or together:
 
 - ``CosineHeadPlugin`` (``infusing_head``): the downstream loss is the cross-entropy of a
   bias-free cosine classifier (scale 16) on the L2-normalised image embedding, one head

@@ -1,4 +1,4 @@
-"""Proxy-FDA and FDA: keep the reference space's neighbourhood structure (methods.md 1).
+"""Proxy-FDA and FDA: keep the reference space's neighbourhood structure (docs/methods.md section 1).
 
 ``ProxyFDAPlugin`` adds ``weight * L_FDA + L_generator`` to the strategy's loss in
 ``before_backward``. The learnable ``tau``, ``b`` and the proxy generator live in the
@@ -13,7 +13,7 @@ weight decay) and the generator (lr ``generator_lr``, AdamW's default weight dec
 Registered as ``proxy_fda`` (proxies on) and ``fda`` (the same plugin without proxies).
 
 The graph is the in-batch kNN graph of the reference space: ``R_i`` = the K most similar
-batch members of anchor i (methods.md step 3). A ``graph: bank`` option (neighbours from a
+batch members of anchor i (docs/methods.md section 1, step 3). A ``graph: bank`` option (neighbours from a
 feature bank of the whole training set) existed and was removed: an anchor's K nearest
 training images are almost never in its batch, so it found 0.3 positives per anchor per
 batch on the demo stream (random batches 0.30, class-balanced 0.29, against 8 for the

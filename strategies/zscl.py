@@ -1,4 +1,4 @@
-"""ZSCL: zero-shot continual learning baseline (methods.md section 4).
+"""ZSCL: zero-shot continual learning baseline (docs/methods.md section 4).
 
 Three parts, each with its own weight:
 

@@ -1,4 +1,4 @@
-"""Infusing (methods.md section 6): pure losses by hand, and the plugins on a tiny stream."""
+"""Infusing (docs/methods.md section 6): pure losses by hand, and the plugins on a tiny stream."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""Adaptive weight consolidation (AWC, methods.md section 3), as pure functions.
+"""Adaptive weight consolidation (AWC, docs/methods.md section 3), as pure functions.
 
 An importance-weighted L2 pull towards the anchor ``theta_prev`` (the parameters at the
 start of the experience)::

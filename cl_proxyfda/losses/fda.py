@@ -1,4 +1,4 @@
-"""Feature distribution alignment (FDA) and Proxy-FDA losses (methods.md section 1).
+"""Feature distribution alignment (FDA) and Proxy-FDA losses (docs/methods.md section 1).
 
 All functions are pure functions of tensors, except ``ProxyGenerator`` (an ``nn.Module``).
 Notation per mini-batch of ``B`` images: ``z`` student features, ``zh`` frozen reference
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NEG_WEIGHTS = ("clamp0", "minus_one", "one_minus")
-"""Rules for the weight of a non-neighbour pair (methods.md step 4):
+"""Rules for the weight of a non-neighbour pair (docs/methods.md section 1, step 4):
 
 - ``clamp0`` (default): ``W = -max(Sh, 0)``: a non-neighbour is pushed away in
   proportion to how similar it was in the reference space; pairs that were already
@@ -58,7 +58,7 @@ def knn_graph(sim_h: Tensor, k: int) -> Tensor:
     ``sim_h`` is the reference-space similarity matrix of a batch. ``k`` must be smaller
     than the batch size ``B``; it should also exceed the images-per-class ``n`` of the
     class-balanced sampler, so that every anchor has neighbours beyond its own class
-    (methods.md step 3; default K = 8 with n = 4).
+    (docs/methods.md section 1, step 3; default K = 8 with n = 4).
     """
     if sim_h.ndim != 2 or sim_h.shape[0] != sim_h.shape[1]:
         raise ValueError(f"sim_h must be a square (B, B) matrix, got shape {tuple(sim_h.shape)}")

@@ -1,4 +1,4 @@
-"""GIFT's synthetic-replay losses (methods.md section 2), as pure functions of tensors.
+"""GIFT's synthetic-replay losses (docs/methods.md section 2), as pure functions of tensors.
 
 On a synthetic batch of B image-prompt pairs, the student's similarity matrix
 ``M = tau * u w^T`` (B x B) is

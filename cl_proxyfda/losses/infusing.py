@@ -1,4 +1,4 @@
-"""Losses of the Infusing recipe (methods.md section 6), pure functions of tensors.
+"""Losses of the Infusing recipe (docs/methods.md section 6), pure functions of tensors.
 
 - ``cosine_classifier_ce``: normalised-softmax cross-entropy of a cosine classifier
   (no bias): ``CE(scale * cos(e_i, w_c), y_i)``.

@@ -1,4 +1,4 @@
-"""ZSCL's losses and weight ensembling (methods.md section 4), as pure functions.
+"""ZSCL's losses and weight ensembling (docs/methods.md section 4), as pure functions.
 
 ZSCL distils the *initial* model's image-to-text and text-to-image logits on reference
 images and reference texts (e.g. ImageNet images and "a photo of a {c}." for all its
