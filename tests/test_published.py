@@ -184,3 +184,12 @@ def test_format_comparison_before_any_row():
     results = RunResults(FIXTURE["t3_1"]["tasks"])
     text = format_comparison(results, published("mtil-I/naive"))
     assert "no evaluation rows yet" in text and "Transfer" not in text
+
+
+def test_docs_ledger_lists_every_entry_with_its_numbers():
+    doc = (ROOT / "docs" / "reproduce.md").read_text()
+    for p in PUBLISHED:
+        line = next((l for l in doc.splitlines() if l.startswith(f"| `{p.key}` |")), None)
+        assert line is not None, p.key
+        assert f"| {p.transfer:.1f} / {p.avg:.1f} / {p.last:.1f} |" in line
+        assert (p.run_file is None) or f"`{p.run_file}`" in line
