@@ -76,10 +76,20 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cl_proxyfda.results import report
+    from cl_proxyfda.results import RunResults, report
 
+    comparison = None
+    if args.published is not None:  # resolved first: a bad key or no match writes nothing
+        from cl_proxyfda.published import resolve_published
+
+        comparison = resolve_published(Path(args.run_dir), None if args.published == "auto" else args.published)
     table, written = report(Path(args.run_dir))
     print(table)
+    if comparison is not None:
+        from cl_proxyfda.published import format_comparison
+
+        print()
+        print(format_comparison(RunResults.load(Path(args.run_dir)), *comparison))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -264,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="re-render the table and plots of a run folder")
     p.add_argument("run_dir")
+    p.add_argument(
+        "--published", nargs="?", const="auto", default=None, metavar="KEY",
+        help="also print Transfer/Avg/Last next to the published ones (cl_proxyfda/published.py): the entry matching "
+        "the run's config.yaml (strategies, MTIL order, shots), or KEY, e.g. mtil-I/zscl",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("compare", help="run every variant x seed of a comparison file and tabulate them")
