@@ -61,6 +61,14 @@ def resolve_pretrained(pretrained: str | None) -> str | None:
     return os.path.expanduser(pretrained)
 
 
+def _is_file(path: str) -> bool:
+    """``Path(path).is_file()``, False for paths the OS refuses (too long, bad bytes)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def create_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Callable, Callable, Callable]:
     """Create an open_clip model with its train/eval transforms and tokenizer.
 
@@ -78,7 +86,7 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
     tag_cfg = open_clip.get_pretrained_cfg(name, weights) if weights else {}
     if name.startswith(HF_HUB_PREFIX) and weights is not None:
         raise UserError(f"model.pretrained: a hf-hub: model brings its own weights; set pretrained to none (got {pretrained!r})")
-    if weights is not None and not tag_cfg and not Path(weights).is_file():
+    if weights is not None and not tag_cfg and not _is_file(weights):
         if os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")):
             raise UserError(f"model.pretrained: checkpoint file {weights} does not exist")
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"

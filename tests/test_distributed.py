@@ -17,6 +17,15 @@ from conftest import tiny_config
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (fixed ports collide with other test runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_match_one(tmp_path, tiny_stream_root):
     # No augmentation: the two runs then differ only in float summation order.
     sections = {"train": {"iterations": 6, "batch_size": 8, "lr": 3e-3, "augment": False}, "strategies": [{"name": "l2sp", "weight": 0.1}]}
@@ -28,7 +37,7 @@ def test_two_processes_match_one(tmp_path, tiny_stream_root):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", "--master_port=29517", "-m", "cl_proxyfda", "run", str(path)],
+        [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cl_proxyfda", "run", str(path)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,7 +76,7 @@ def test_whole_classes_per_process_from_class_balanced_batches():
 def test_proxy_fda_parameters_stay_identical_across_processes():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", "--master_port=29519", str(Path(__file__).parent / "ddp_plugin_sync.py")],
+        [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(Path(__file__).parent / "ddp_plugin_sync.py")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -83,7 +92,7 @@ def test_two_processes_run_proxy_fda_with_class_balanced_batches(tmp_path, tiny_
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", "--master_port=29521", "-m", "cl_proxyfda", "run", str(path)],
+        [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cl_proxyfda", "run", str(path)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
