@@ -38,19 +38,13 @@ from cl_proxyfda.benchmarks.mtil import (
 )
 from cl_proxyfda.errors import ConfigError, UserError
 from cl_proxyfda.registry import STREAMS
-from mtil_layouts import IMAGE_FOLDER_TASKS, known_classnames, write_mtil_copy
+from mtil_layouts import IMAGE_FOLDER_TASKS, known_classnames, write_caltech101, write_image, write_mnist, write_mtil_copy
 
 PROTOCOL_COUNTS = {
     "Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10, "Flowers": 102,
     "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196, "SUN397": 397,
 }  # fmt: skip
 OFFLINE_NAMES = {"Caltech101", "EuroSAT", "Flowers", "MNIST", "OxfordPet"}
-
-
-def write_image(path: Path, value: int, size: int = 6, mode: str = "RGB") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
-    Image.fromarray(np.full(shape, value % 256, dtype=np.uint8), mode=mode).save(path)
 
 
 def build(**args):
@@ -234,25 +228,6 @@ def test_config_errors(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- torchvision layouts
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An MNIST idx file (big-endian header, uint8 payload)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    magic = 0x0800 + array.ndim  # 0x08 = unsigned byte
-    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_torchvision_mnist(root: Path, n_train: int = 30, n_test: int = 20) -> None:
-    """MNIST's raw idx files (image k of a split shows digit k % 10 as grey level 20 * digit)."""
-    raw = root / "MNIST" / "raw"
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        images = np.repeat(labels[:, None, None] * 20, 28 * 28, axis=1).reshape(n, 28, 28)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images + rng.integers(0, 3, images.shape))
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-
-
 def write_torchvision_eurosat(root: Path, per_class: int = 5) -> None:
     for k, folder in enumerate(EUROSAT_FOLDERS):
         for i in range(per_class):
@@ -273,14 +248,6 @@ def write_torchvision_dtd(root: Path, classes: list[str]) -> dict[str, list[str]
     return lines
 
 
-def write_torchvision_caltech101(root: Path, per_class: int = 2) -> None:
-    base = root / "caltech101" / "101_ObjectCategories"
-    folders = ["BACKGROUND_Google"] + [f"c{k:03d}" for k in range(101)]
-    for k, folder in enumerate(folders):
-        for i in range(per_class):
-            write_image(base / folder / f"image_{i + 1:04d}.jpg", 2 * k, mode="L")
-
-
 def write_torchvision_sun397(root: Path) -> list[str]:
     """SUN397 with one image per class; the last class is a two-level one. Returns ClassName.txt's lines."""
     base = root / "SUN397"
@@ -292,7 +259,7 @@ def write_torchvision_sun397(root: Path) -> list[str]:
 
 
 def test_torchvision_mnist(tmp_path: Path) -> None:
-    write_torchvision_mnist(tmp_path)
+    write_mnist(tmp_path, train=30, test=20)
     data = build(root=str(tmp_path), tasks=["MNIST"])
     task = data.tasks[0]
     assert task.name == "MNIST" and task.classnames == ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
@@ -332,7 +299,7 @@ def test_torchvision_dtd_names_from_dataset(tmp_path: Path) -> None:
 
 
 def test_torchvision_caltech101_drops_background(tmp_path: Path) -> None:
-    write_torchvision_caltech101(tmp_path)
+    write_caltech101(tmp_path, per_class=2)
     task = build(root=str(tmp_path), tasks=["Caltech101"]).tasks[0]
     assert task.classnames == benchmark_classnames("caltech101")[1:] and len(task.classnames) == 101
     assert (len(task.train), len(task.test)) == (161, 41)

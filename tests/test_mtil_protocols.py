@@ -34,15 +34,13 @@ from cl_proxyfda.benchmarks.mtil import (  # noqa: E402
 )
 from cl_proxyfda.errors import ConfigError  # noqa: E402
 from cl_proxyfda.registry import STREAMS  # noqa: E402
+from mtil_layouts import write_caltech101, write_image, write_mnist  # noqa: E402
 from test_mtil import (  # noqa: E402
     PROTOCOL_COUNTS,
     build,
     make_folder_copy,
-    write_image,
-    write_torchvision_caltech101,
     write_torchvision_dtd,
     write_torchvision_eurosat,
-    write_torchvision_mnist,
     write_torchvision_sun397,
 )
 
@@ -120,11 +118,11 @@ def mtil_root(tmp_path_factory) -> Path:
     """Nine of the eleven datasets in torchvision's layouts, at their real class counts."""
     root = tmp_path_factory.mktemp("mtil")
     write_torchvision_aircraft(root, numbered(AIRCRAFT_SOME, 100, "Variant"))
-    write_torchvision_caltech101(root, per_class=1)
+    write_caltech101(root, per_class=1)
     write_torchvision_dtd(root, [f"texture_{i:02d}" for i in range(47)])
     write_torchvision_eurosat(root, per_class=1)
     write_torchvision_food(root, numbered(FOOD_SOME, 101, "dish"))
-    write_torchvision_mnist(root, n_train=10, n_test=10)
+    write_mnist(root, train=10, test=10)
     write_torchvision_pets(root, PET_RAW)
     write_torchvision_cars(root, numbered(CARS_SOME, 196, "Car"))
     write_torchvision_sun397(root)
@@ -297,7 +295,7 @@ def test_overrides_apply_on_top_of_either_protocol(tmp_path: Path, protocol: str
     assert over["EuroSAT"].templates == plain["EuroSAT"].templates and over["EuroSAT"].classnames == plain["EuroSAT"].classnames
     # torchvision format: template overrides too; class-name overrides stay image_folder only
     tv = tmp_path / "tv"
-    write_torchvision_mnist(tv, n_train=10, n_test=10)
+    write_mnist(tv, train=10, test=10)
     task = build(root=str(tv), tasks=["MNIST"], protocol=protocol, templates={"MNIST": ["digit {}"]}).tasks[0]
     assert task.templates == ["digit {}"] and task.classnames == mtil_classnames("MNIST", protocol)
     with pytest.raises(ConfigError, match="stream.classnames"):
