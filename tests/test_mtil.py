@@ -1,10 +1,9 @@
 """MTIL: metadata, orders, templates, splits, and streams built from local files.
 
 Nothing is downloaded: torchvision-format tests write tiny copies of the datasets'
-on-disk layouts (EuroSAT, MNIST, DTD, Caltech101, SUN397; the ``write_torchvision_*``
-helpers, also used by test_mtil_protocols.py, which adds Aircraft, Food, OxfordPet and
-StanfordCars) for torchvision's own dataset classes to read; CIFAR100 and Flowers need
-their real, md5-checked files and are not loaded here.
+on-disk layouts (tests/mtil_layouts.py, and the EuroSAT, DTD and SUN397 variants below
+that test_mtil_protocols.py shares) for torchvision's own dataset classes to read;
+CIFAR100 and Flowers102, whose files torchvision checks by md5, are read as image folders.
 """
 from __future__ import annotations
 
