@@ -7,6 +7,8 @@ one forward pass over the test sets and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,6 +31,11 @@ class _Transformed(Dataset):
         return self.transform(image), int(label)
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 class TaskEvaluator:
     """Evaluates a ``CLIPTaskModel`` on a fixed list of test sets.
 
@@ -48,6 +55,12 @@ class TaskEvaluator:
         self.dist = dist_context or DistContext()
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._cache_bytes = 0
+
+    def _share(self, task_id: int, device: torch.device) -> Any:
+        """This process's share of the batches of test set ``task_id``, inputs on ``device``."""
+        for b, (x, y) in enumerate(self._batches(task_id)):
+            if b % self.dist.world == self.dist.rank:  # each process scores its share
+                yield x.to(device, non_blocking=True), y
 
     def _batches(self, task_id: int) -> Any:
         if task_id in self._cache:
@@ -79,14 +92,8 @@ class TaskEvaluator:
         vocab = task_id if vocab_task is None else vocab_task
         correct = total = 0
         try:
-            for b, (x, y) in enumerate(self._batches(task_id)):
-                if b % self.dist.world != self.dist.rank:  # each process scores its share
-                    continue
-                x = x.to(device, non_blocking=True)
-                if autocast_dtype is not None:
-                    with torch.autocast(device.type, dtype=autocast_dtype):
-                        logits = net(x, vocab)
-                else:
+            for x, y in self._share(task_id, device):
+                with _autocast(device, autocast_dtype):
                     logits = net(x, vocab)
                 correct += int((logits.argmax(dim=1).cpu() == y).sum())
                 total += len(y)
@@ -122,17 +129,9 @@ class TaskEvaluator:
         try:
             head = net.class_embeddings(task_id)
             union_head = net.union_embeddings(union, templates)
-            for b, (x, y) in enumerate(self._batches(task_id)):
-                if b % self.dist.world != self.dist.rank:  # each process scores its share
-                    continue
-                x = x.to(device, non_blocking=True)
+            for x, y in self._share(task_id, device):
                 # the task head's logits exactly as forward_single_task computes them
-                if autocast_dtype is not None:
-                    with torch.autocast(device.type, dtype=autocast_dtype):
-                        feats = net.encode_image(x)
-                        logits = net.logit_scale * feats @ head.t()
-                        union_logits = feats @ union_head.t()
-                else:
+                with _autocast(device, autocast_dtype):
                     feats = net.encode_image(x)
                     logits = net.logit_scale * feats @ head.t()
                     union_logits = feats @ union_head.t()
