@@ -144,6 +144,7 @@ class ProxyFDAPlugin(CLPlugin):
         self.diagnostics: dict[str, float] = {}  # proxy diagnostics of the last experience (means)
         self._proxy_sums: dict[str, float] = {}
         self._proxy_batches = 0
+        self._steps = 0  # generator steps so far (diagnostics are taken on every DIAGNOSTICS_EVERY-th)
         if not params.proxies:
             self._setup(None)
 
@@ -271,7 +272,9 @@ class ProxyFDAPlugin(CLPlugin):
                 z, pooling, positives, temperature=p.generator_temperature, alpha=p.generator_alpha, hardness=p.generator_hardness,
                 min_members=p.generator_min_members, entropy_weight=p.generator_entropy_weight, normalize=p.normalize_proxies,
             )
-            self._record(proxy_diagnostics(z, pooling, positives, normalize=p.normalize_proxies))
+            if self._steps % DIAGNOSTICS_EVERY == 0:  # a sample of batches: each value is a host sync on GPU
+                self._record(proxy_diagnostics(z, pooling, positives, normalize=p.normalize_proxies))
+            self._steps += 1
         ignore = None
         if p.same_class == "neutral" and labels is not None and labels.shape[0] == z.shape[0]:
             labels = labels.to(z.device)
@@ -297,6 +300,9 @@ class ProxyFDAPlugin(CLPlugin):
             average_gradients(p for group in self.optimizer.param_groups for p in group["params"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+
+DIAGNOSTICS_EVERY = 10  # proxy diagnostics on one batch in ten
 
 
 def _adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

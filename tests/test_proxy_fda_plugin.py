@@ -118,6 +118,9 @@ def test_tau_bias_and_generator_learn_and_model_trains():
     moved = max(float((v - start_gen[k]).abs().max()) for k, v in fda.generator.state_dict().items() if v.is_floating_point())
     assert moved > 1e-5
     assert all(p.grad is None for p in fda.head.parameters())  # zeroed after each own step
+    d = fda.diagnostics  # the experience's proxy diagnostics, sampled batches
+    assert d["proxy_fda_members_pos"] >= 1.0 and d["proxy_fda_members_neg"] >= 1.0
+    assert 0.0 <= d["proxy_fda_hull_distance"] < 1.0 and math.isfinite(d["proxy_fda_hardness_pos"])
 
 
 def test_frozen_tau_bias_stay_fixed():
