@@ -27,18 +27,17 @@ place of images*. Per training iteration:
    model's forward just computed, and ``learner.encode_names`` for the drawn base
    concepts).
 4. The kNN graph in the reference space with ``K = min(k, anchors - 1)``, signed weights,
-   the SigLIP-shaped loss with learnable ``tau``/``b`` and, with ``proxies: true``,
-   generated proxies trained by the generator's own loss: the functions of
-   ``cl_proxyfda/losses/fda.py`` unchanged. ``weight * L_FDA + L_generator`` is added to
-   the strategy loss in ``before_backward``; ``tau``, ``b`` and the generator step in
-   ``after_update`` with their own AdamW.
+   the SigLIP-shaped loss and, with ``proxies: true``, generated proxies trained by the
+   generator's own loss: the same :class:`~cl_proxyfda.strategies.fda_head.FDAHead`
+   (and the same defaults: tau 0.1, b -10 fixed) as ``proxy_fda``.
+   ``weight * L_FDA + L_generator`` is added to the strategy loss in
+   ``before_backward``; ``tau``, ``b`` and the generator step in ``after_update``.
 
 ``PromptFDA`` is the same computation without Avalanche (used by ``base_to_new``).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +45,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from cl_proxyfda.errors import ConfigError, UserError
-from cl_proxyfda.losses.fda import ProxyGenerator, fda_loss, generator_loss, graph_mask, knn_graph, make_proxies
+from cl_proxyfda.losses.fda import ProxyGenerator, graph_mask, knn_graph
 from cl_proxyfda.prompt_learner import PromptLearner, prompt_learner_of
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.strategies.fda_head import FDAHead, FDALossParams, ProxyOptions
 from cl_proxyfda.teacher import teacher_bank, unwrap
 
 
@@ -92,31 +92,19 @@ class CoOpParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class PromptFDAParams(BaseModel):
-    """Options of Proxy-FDA on class text embeddings (``prompt_fda``)."""
+class PromptFDAParams(ProxyOptions, FDALossParams):
+    """Options of Proxy-FDA on class text embeddings (``prompt_fda``): the FDA loss's and
+    the proxies' (the same head and defaults as ``proxy_fda``) plus the anchor set's."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    weight: float = Field(1.0, ge=0, description="lambda, the weight of the FDA loss")
-    k: int = Field(8, ge=1, le=65536, description="K neighbours in the reference graph (capped at anchors - 1)")
     min_anchors: int = Field(
         64, ge=0, description="fill the anchor set up to this many nodes with base concepts (shared context only; 0: task classes only)"
     )
-    proxies: bool = Field(True, description="add generated proxies (false: plain FDA)")
-    n_proxies: int = Field(4, ge=1, le=65536, description="proxies per positive and per negative set")
-    tau_init: float = Field(0.1, gt=0, description="initial temperature tau (log-parametrised)")
-    bias_init: float = Field(0.0, description="initial bias b")
-    learn_tau_bias: bool = Field(True, description="learn tau and b (false: keep them fixed)")
-    tau_bias_lr: float = Field(1e-2, gt=0, description="AdamW learning rate of log tau and b")
-    neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
-    generator_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the proxy generator")
-    generator_alpha: float = Field(1.0, ge=0, description="weight of the diversity term in the generator loss")
-    generator_temperature: float = Field(0.1, gt=0, description="temperature of the generator's InfoNCE terms")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the base-concept anchor draws")
 
 
 # --------------------------------------------------------------------------- core
 class PromptFDA(nn.Module):
-    """Proxy-FDA over class embeddings: learnable ``tau``/``b``, generator, own optimizer.
+    """Proxy-FDA over class embeddings: the shared :class:`FDAHead` plus the anchor set.
 
     Usage per experience: ``set_reference(task, names, zh, pool_names, zh_pool)``; per
     iteration: ``loss(learner, task)`` (add it to the model loss, backward), then
@@ -126,11 +114,7 @@ class PromptFDA(nn.Module):
     def __init__(self, params: PromptFDAParams) -> None:
         super().__init__()
         self.params = params
-        self.log_tau = nn.Parameter(torch.tensor(math.log(params.tau_init)), requires_grad=params.learn_tau_bias)
-        self.bias = nn.Parameter(torch.tensor(float(params.bias_init)), requires_grad=params.learn_tau_bias)
-        self.generator: ProxyGenerator | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.dim: int | None = None
+        self.head = FDAHead(params, params)
         self.rng = torch.Generator().manual_seed(params.seed)
         self.references: dict[int, tuple[list[str], Tensor, list[str], Tensor | None]] = {}
         self.terms: dict[str, float] = {}
@@ -138,7 +122,15 @@ class PromptFDA(nn.Module):
 
     @property
     def tau(self) -> float:
-        return float(self.log_tau.detach().exp())
+        return self.head.tau
+
+    @property
+    def bias(self) -> Tensor:
+        return self.head.bias
+
+    @property
+    def generator(self) -> ProxyGenerator | None:
+        return self.head.generator
 
     def set_reference(self, task: int, names: Sequence[str], zh: Tensor, pool_names: Sequence[str] = (), zh_pool: Tensor | None = None) -> None:
         """Reference embeddings of a task's classes and of the base-concept pool."""
@@ -147,26 +139,6 @@ class PromptFDA(nn.Module):
         if zh_pool is not None and len(pool_names) != zh_pool.shape[0]:
             raise ValueError(f"{len(pool_names)} pool names for {zh_pool.shape[0]} reference embeddings")
         self.references[task] = (list(names), zh.detach().float(), list(pool_names), None if zh_pool is None else zh_pool.detach().float())
-
-    def _setup(self, dim: int | None, device: torch.device) -> None:
-        groups = []
-        if self.params.learn_tau_bias:
-            groups.append({"params": [self.log_tau, self.bias], "lr": self.params.tau_bias_lr, "weight_decay": 0.0})
-        if self.params.proxies:
-            assert dim is not None
-            self.dim = dim
-            self.generator = ProxyGenerator(dim, self.params.n_proxies)
-            groups.append({"params": list(self.generator.parameters()), "lr": self.params.generator_lr})
-        self.to(device)
-        self.optimizer = torch.optim.AdamW(groups) if groups else None
-
-    def _to_device(self, device: torch.device) -> None:
-        if self.log_tau.device == device:
-            return
-        state = self.optimizer.state_dict() if self.optimizer is not None else None
-        self.to(device)
-        if self.optimizer is not None and state is not None:
-            self.optimizer.load_state_dict(state)
 
     def anchors(self, learner: PromptLearner, task: int, z_task: Tensor | None = None) -> tuple[Tensor, Tensor, list[str]]:
         """``(z, zh, names)`` of this iteration's anchors (task classes, then drawn base concepts)."""
@@ -187,22 +159,10 @@ class PromptFDA(nn.Module):
     def loss(self, learner: PromptLearner, task: int, z_task: Tensor | None = None) -> Tensor | None:
         """``weight * L_FDA (+ proxies) + L_generator`` for this iteration (None below 2 anchors)."""
         z, zh, _ = self.anchors(learner, task, z_task)
-        n = z.shape[0]
-        self.anchor_count = n
-        if n < 2:
+        self.anchor_count = z.shape[0]
+        if z.shape[0] < 2:
             return None
-        if self.optimizer is None and (self.params.learn_tau_bias or self.params.proxies):
-            self._setup(z.shape[1], z.device)
-        self._to_device(z.device)
-        k = min(self.params.k, n - 1)
-        sim_h = zh @ zh.t()
-        positives = graph_mask(knn_graph(sim_h, k), n)
-        proxies = gen_loss = None
-        if self.generator is not None:
-            pooling = self.generator(z, sim_h, positives)
-            proxies = make_proxies(z, sim_h, pooling, self.params.neg_weight)
-            gen_loss = generator_loss(z, pooling, positives, temperature=self.params.generator_temperature, alpha=self.params.generator_alpha)
-        loss = fda_loss(z, zh, k, self.log_tau, self.bias, self.params.neg_weight, proxies, positives)
+        loss, gen_loss = self.head.losses(z, zh)
         self.terms = {"prompt_fda": float(loss.detach())}
         total = self.params.weight * loss
         if gen_loss is not None:
@@ -212,34 +172,17 @@ class PromptFDA(nn.Module):
 
     def step(self) -> None:
         """Step ``tau``, ``b`` and the generator (after the backward of the model loss)."""
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.head.step()
 
     # ----------------------------------------------------------------- state
     def checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "log_tau": self.log_tau.detach().cpu().clone(),
-            "bias": self.bias.detach().cpu().clone(),
-            "dim": -1 if self.dim is None else int(self.dim),
-            "generator": {} if self.generator is None else {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
-            "optimizer": {} if self.optimizer is None else self.optimizer.state_dict(),
-            "rng": self.rng.get_state(),
-        }
+        return {**self.head.checkpoint_state(), "rng": self.rng.get_state()}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"log_tau", "bias", "dim", "generator", "optimizer", "rng"}
+        unknown = set(state) - FDAHead.STATE_KEYS - {"rng"}
         if unknown:
             raise ValueError(f"prompt_fda got state it does not know: {sorted(unknown)}")
-        with torch.no_grad():
-            self.log_tau.copy_(state["log_tau"])
-            self.bias.copy_(state["bias"])
-        if state["optimizer"]:  # the saved loss had been set up (it had seen a batch)
-            if self.optimizer is None:
-                self._setup(int(state["dim"]) if state["dim"] > 0 else None, self.log_tau.device)
-            if self.generator is not None:
-                self.generator.load_state_dict(state["generator"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.head.load_checkpoint_state(state)
         self.rng.set_state(state["rng"])
 
 

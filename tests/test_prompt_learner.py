@@ -248,7 +248,7 @@ def test_coop_and_prompt_fda_plugins_on_avalanche():
     model, _, pre_eval = build_task_model("cl-test-tiny", None, [t.vocabulary for t in tasks])
     learner = attach_prompt_learner(model, PromptLearnerConfig(n_ctx=4))
     start = learner.ctx.detach().clone()
-    fda = STRATEGIES.build("prompt_fda", {"k": 3, "min_anchors": 8})
+    fda = STRATEGIES.build("prompt_fda", {"k": 3, "min_anchors": 8, "learn_tau_bias": True})
     assert isinstance(fda, PromptFDAPlugin) and fda.base_concepts == []  # no stream given
     fda.base_concepts = ["tree", "car", "cup", "hat", "red", "lamp", "fish"]
     strategy = SupervisedTemplate(
@@ -269,12 +269,12 @@ def test_coop_and_prompt_fda_plugins_on_avalanche():
     # "red" is a class of task 0, so it is never one of its extra anchors
     assert "red" not in fda.core.references[0][2] and "red" in fda.core.references[1][2]
     assert not torch.allclose(learner.ctx.detach(), start)
-    assert fda.core.tau != pytest.approx(0.1) and fda.core.bias.item() != 0.0
+    assert fda.core.tau != pytest.approx(0.1) and fda.core.bias.item() != -10.0  # learned here (fixed by default)
     # checkpoint state loads with weights_only and restores tau, b, generator and the draw
     buffer = io.BytesIO()
     torch.save(fda.state_dict(), buffer)
     buffer.seek(0)
-    restored = STRATEGIES.build("prompt_fda", {"k": 3, "min_anchors": 8})
+    restored = STRATEGIES.build("prompt_fda", {"k": 3, "min_anchors": 8, "learn_tau_bias": True})
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.core.tau == pytest.approx(fda.core.tau) and restored.core.bias.item() == pytest.approx(fda.core.bias.item())
     for a, b in zip(restored.core.generator.parameters(), fda.core.generator.parameters()):

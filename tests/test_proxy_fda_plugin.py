@@ -128,7 +128,7 @@ def test_frozen_tau_bias_stay_fixed():
     fda = STRATEGIES.build("fda", {"k": K, "learn_tau_bias": False, "tau_init": 0.05, "bias_init": -1.0})
     train(model, bench, [fda])
     assert fda.tau == pytest.approx(0.05) and fda.bias == pytest.approx(-1.0)
-    assert fda.optimizer is None and math.isfinite(fda.loss_terms["fda"])
+    assert fda.head.optimizer is None and math.isfinite(fda.loss_terms["fda"])
 
 
 def test_one_teacher_forward_per_batch_with_two_plugins():
@@ -150,7 +150,7 @@ def test_state_dict_round_trips_through_weights_only_load(tmp_path):
     assert fresh.tau == pytest.approx(fda.tau) and fresh.bias == pytest.approx(fda.bias)
     for key, value in fda.generator.state_dict().items():
         assert torch.equal(fresh.generator.state_dict()[key], value)
-    ours, theirs = fda.optimizer.state_dict(), fresh.optimizer.state_dict()
+    ours, theirs = fda.head.optimizer.state_dict(), fresh.head.optimizer.state_dict()
     assert ours["param_groups"] == theirs["param_groups"]
     for idx, slot in ours["state"].items():
         assert torch.equal(slot["exp_avg"], theirs["state"][idx]["exp_avg"])
