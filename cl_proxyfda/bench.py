@@ -738,24 +738,24 @@ def _paired_ratios(index: int, log: list[tuple[int, int]], built: list[Any], war
 
 
 def fda_loss_seconds(dim: int, batch: int, proxies: bool, device: torch.device, repeats: int) -> float:
-    """Median time of the FDA (``proxies=False``) or Proxy-FDA loss alone on random features:
-    graph, generator, proxies, both losses, their backward and the plugin's own AdamW step,
-    as ``ProxyFDAPlugin.before_backward`` + ``after_update`` do, without any backbone."""
+    """Median time of the FDA (``proxies=False``) or Proxy-FDA loss alone on CLIP-like
+    features: graph, generator, proxies, both losses, their backward down to the (leaf)
+    features and the plugin's own AdamW step, as ``ProxyFDAPlugin.before_backward`` +
+    ``after_update`` do, without any backbone (the model's own step is what the
+    ``steps`` rows measure)."""
     from cl_proxyfda.strategies.proxy_fda import ProxyFDAParams, ProxyFDAPlugin
+    from cl_proxyfda.testing import clip_like_features
 
     params = ProxyFDAParams(proxies=proxies, k=min(ProxyFDAParams().k, batch - 1))
     plugin = ProxyFDAPlugin(params)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    weights = torch.randn(dim, dim, generator=gen).to(device).requires_grad_(True)  # stands in for the backbone's last layer
-    x = torch.randn(batch, dim, generator=gen).to(device)
-    zh = F.normalize(torch.randn(batch, dim, generator=gen), dim=1).to(device)
+    x = clip_like_features(batch, dim, seed=0)[0].to(device).requires_grad_(True)
+    zh = clip_like_features(batch, dim, seed=1)[0].to(device)
 
     def step() -> None:
-        z = F.normalize(x @ weights, dim=1)
-        loss, gen_loss = plugin.losses(z, zh)
+        loss, gen_loss = plugin.losses(F.normalize(x, dim=1), zh)
         total = params.weight * loss + (gen_loss if gen_loss is not None else 0.0)
         total.backward()
-        weights.grad = None
+        x.grad = None
         plugin.after_update(None)
 
     return median_seconds(step, repeats, device, warmup=2)

@@ -133,18 +133,19 @@ class FDAHead(nn.Module):
         sim_h = zh @ zh.t()
         positives = graph_mask(knn_graph(sim_h, k), n)
         self.positives_per_anchor = float(positives.sum(dim=1).float().mean())
+        sim = z @ z.t()  # computed once for every part below
         proxies = gen_loss = None
         if self.generator is not None:
-            pooling = self.generator(z, sim_h, positives)
-            proxies = make_proxies(z, sim_h, pooling, p.neg_weight, normalize=o.normalize_proxies)
+            pooling = self.generator(z, sim_h, positives, sim=sim)
+            proxies = make_proxies(z, sim_h, pooling, p.neg_weight, normalize=o.normalize_proxies, sim=sim)
             gen_loss = generator_loss(
                 z, pooling, positives, temperature=o.generator_temperature, alpha=o.generator_alpha, hardness=o.generator_hardness,
-                min_members=o.generator_min_members, entropy_weight=o.generator_entropy_weight, normalize=o.normalize_proxies,
+                min_members=o.generator_min_members, entropy_weight=o.generator_entropy_weight, normalize=o.normalize_proxies, sim=sim,
             )
             if self._steps % DIAGNOSTICS_EVERY == 0:
                 self._record(proxy_diagnostics(z, pooling, positives, normalize=o.normalize_proxies))
             self._steps += 1
-        loss = fda_loss(z, zh, k, self.log_tau, self.bias, p.neg_weight, proxies, positives, ignore=ignore)
+        loss = fda_loss(z, zh, k, self.log_tau, self.bias, p.neg_weight, proxies, positives, ignore=ignore, sim=sim, sim_h=sim_h)
         return loss, gen_loss
 
     def step(self) -> None:

@@ -404,3 +404,76 @@ def test_ignored_pairs_are_neither_pulled_nor_pushed():
     expected = ((pairs * keep).sum(1) / keep.sum(1)).mean()
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(fda_loss(z, zh, 3, log_tau, bias, positives=pos), fda_loss(z, zh, 3, log_tau, bias, positives=pos, ignore=torch.zeros_like(ignore)))
+
+
+def _generator_loss_one_side_at_a_time(z, pooling, positives, temperature=0.1, alpha=1.0, diversity_target=0.5, hardness=10.0,
+                                       min_members=2.0, entropy_weight=1.0, normalize=True):
+    """The generator loss written term by term and side by side, as documented (the form
+    the stacked implementation replaced): the reference it must equal."""
+    z = z.detach()
+    eye = torch.eye(z.shape[0], dtype=torch.bool)
+    negatives = ~positives & ~eye
+    sim = z @ z.t()
+
+    def rows_mean(values, rows):
+        per_row = values.reshape(values.shape[0], -1).mean(1)
+        return (per_row * rows.float()).sum() / rows.float().sum().clamp(min=1)
+
+    def set_mean(mask):
+        return (sim * mask.float()).sum(1) / mask.float().sum(1).clamp(min=1)
+
+    def spread(gram):
+        return (gram.diagonal(dim1=1, dim2=2).mean(-1) - gram.mean(dim=(1, 2))).clamp(min=0).add(1e-8).sqrt()
+
+    def set_spread(mask):
+        w = mask.to(sim.dtype) / mask.to(sim.dtype).sum(dim=1, keepdim=True).clamp(min=1)
+        return (w @ sim.diagonal() - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()
+
+    def info_nce(own, others, mask):
+        rest = torch.logsumexp(others.masked_fill(~mask, float("-inf")), dim=1, keepdim=True).expand_as(own)
+        return torch.logaddexp(own, rest) - own
+
+    s_pos, gram_pos = proxy_similarity(sim, pooling.pos, normalize)
+    s_neg, gram_neg = proxy_similarity(sim, pooling.neg, normalize)
+    both = pooling.has_pos & pooling.has_neg
+    total = rows_mean(info_nce(s_pos / temperature, sim / temperature, negatives), both)
+    total = total + rows_mean(info_nce(-s_neg / temperature, -sim / temperature, positives), both)
+    total = total + hardness * rows_mean(F.relu(s_pos - set_mean(positives).unsqueeze(1)), pooling.has_pos)
+    total = total + hardness * rows_mean(F.relu(set_mean(negatives).unsqueeze(1) - s_neg), pooling.has_neg)
+    for weights, mask, has in ((pooling.pos, positives, pooling.has_pos), (pooling.neg, negatives, pooling.has_neg)):
+        floor = mask.sum(1).float().clamp(min=1).clamp(max=min_members).log().unsqueeze(1)
+        entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1)
+        total = total + entropy_weight * rows_mean(F.relu(floor - entropy), has)
+    for gram, mask, has in ((gram_pos, positives, pooling.has_pos), (gram_neg, negatives, pooling.has_neg)):
+        total = total + alpha * rows_mean(F.relu(diversity_target * set_spread(mask) - spread(gram)), has)
+    return total
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_stacked_generator_loss_equals_the_side_by_side_form(normalize):
+    """Value and generator gradients equal the term-by-term form on CLIP-like features,
+    including anchors without positives (a sparse custom graph) and without negatives."""
+    from cl_proxyfda.testing import clip_like_features
+
+    z, _ = clip_like_features(24, 64, classes=6, seed=3)
+    zh, _ = clip_like_features(24, 64, classes=6, seed=4)
+    z, zh = z.double(), zh.double()  # float64: the two forms sum in different orders
+    sim_h = zh @ zh.t()
+    positives = graph_mask(knn_graph(sim_h, 5), 24)
+    positives[0] = False  # anchor 0: no positives
+    positives[1] = ~torch.eye(24, dtype=torch.bool)[1]  # anchor 1: no negatives
+    options = dict(temperature=0.2, alpha=0.7, hardness=3.0, min_members=2.5, entropy_weight=0.5, normalize=normalize)
+    grads = []
+    values = []
+    for fn in (generator_loss, _generator_loss_one_side_at_a_time):
+        gen = ProxyGenerator(64, n_proxies=3, hidden=8).double()
+        torch.manual_seed(0)
+        for p in gen.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        loss = fn(z, gen(z, sim_h, positives), positives, **options)
+        loss.backward()
+        values.append(float(loss))
+        grads.append(torch.cat([p.grad.flatten() for p in gen.parameters()]))
+    assert values[0] > 0.1
+    assert values[0] == pytest.approx(values[1], rel=1e-12)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)

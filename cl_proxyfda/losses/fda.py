@@ -193,22 +193,24 @@ class ProxyGenerator(nn.Module):
         self.pair = nn.Linear(3, hidden, bias=False)
         self.head = nn.Linear(hidden, 2 * n_proxies)
 
-    def forward(self, z: Tensor, sim_h: Tensor, positives: Tensor) -> PoolingWeights:
+    def forward(self, z: Tensor, sim_h: Tensor, positives: Tensor, sim: Tensor | None = None) -> PoolingWeights:
+        """Pooling weights of every anchor; ``sim`` (``z z^T``, optional) saves recomputing it."""
         z = z.detach()
         sim_h = sim_h.detach()
+        sim = (z @ z.t()) if sim is None else sim.detach()
         b = z.shape[0]
         eye = torch.eye(b, dtype=torch.bool, device=z.device)
         negatives = ~positives & ~eye
         tokens = self.embed(z).unsqueeze(0)  # (1, B, h): one sequence, shared by every anchor
         normed = self.norm(tokens)
         tokens = tokens + self.attn(normed, normed, normed, need_weights=False)[0]
-        relation = torch.stack([z @ z.t(), sim_h, positives.to(z.dtype)], dim=-1)  # (B, B, 3)
+        relation = torch.stack([sim, sim_h, positives.to(z.dtype)], dim=-1)  # (B, B, 3)
         hidden = F.relu(self.member(tokens) + self.pair(relation))  # (B, B, h)
         logits = self.head(hidden).permute(0, 2, 1)  # (B anchors, 2n, B members)
         n = self.n_proxies
-        a_pos = _masked_softmax(logits[:, :n], positives.unsqueeze(1))
-        a_neg = _masked_softmax(logits[:, n:], negatives.unsqueeze(1))
-        return PoolingWeights(a_pos, a_neg, positives.any(dim=1), negatives.any(dim=1))
+        sets = torch.cat([positives.unsqueeze(1).expand(b, n, b), negatives.unsqueeze(1).expand(b, n, b)], dim=1)
+        weights = _masked_softmax(logits, sets)  # both sides in one pass
+        return PoolingWeights(weights[:, :n], weights[:, n:], positives.any(dim=1), negatives.any(dim=1))
 
 
 def pool(weights: Tensor, z: Tensor, normalize: bool = True) -> Tensor:
@@ -237,21 +239,24 @@ def proxy_similarity(sim: Tensor, weights: Tensor, normalize: bool = True) -> tu
     return s, gram
 
 
-def make_proxies(z: Tensor, sim_h: Tensor, pooling: PoolingWeights, neg_weight: str = "clamp0", normalize: bool = True) -> Proxies:
+def make_proxies(
+    z: Tensor, sim_h: Tensor, pooling: PoolingWeights, neg_weight: str = "clamp0", normalize: bool = True, sim: Tensor | None = None
+) -> Proxies:
     """Proxies ``P+ = A+ z``, ``P- = A- z`` (normalised, see :func:`pool`) with targets
     ``w+ = A+ Sh_i``, ``w- = A- W-_i``.
 
     The pooling weights are detached: gradients reach ``z`` (through the proxies) but
     never the generator. ``w-`` pools the non-neighbour weights of ``neg_weight``, so for
     the default ``clamp0`` it is ``-(A- max(Sh_i, 0))``, for ``minus_one`` it is -1.
+    ``sim`` (``z z^T`` with its gradient, optional) saves recomputing it.
     """
     pooled = pooling.detach()
-    sim = z @ z.t()
-    sim_pos, _ = proxy_similarity(sim, pooled.pos, normalize)
-    sim_neg, _ = proxy_similarity(sim, pooled.neg, normalize)
+    n = pooled.pos.shape[1]
+    sim = (z @ z.t()) if sim is None else sim
+    both, _ = proxy_similarity(sim, torch.cat([pooled.pos, pooled.neg], dim=1), normalize)  # one pass for both sets
     w_pos = (pooled.pos * sim_h.clamp(min=0).unsqueeze(1)).sum(-1)
     w_neg = (pooled.neg * negative_weight(sim_h, neg_weight).unsqueeze(1)).sum(-1)
-    return Proxies(sim_pos, sim_neg, w_pos, w_neg, pooling.has_pos, pooling.has_neg)
+    return Proxies(both[:, :n], both[:, n:], w_pos, w_neg, pooling.has_pos, pooling.has_neg)
 
 
 def pooling_entropy(weights: Tensor) -> Tensor:
@@ -271,6 +276,8 @@ def fda_loss(
     proxies: Proxies | None = None,
     positives: Tensor | None = None,
     ignore: Tensor | None = None,
+    sim: Tensor | None = None,
+    sim_h: Tensor | None = None,
 ) -> Tensor:
     """Mean over anchors of ``L_FDA_i = mean_j softplus(-W_ij (S_ij / tau + b))``.
 
@@ -285,6 +292,8 @@ def fda_loss(
         positives: optional (B, B) boolean graph replacing the in-batch kNN graph.
         ignore: optional (B, B) boolean mask of pairs left out of the loss (neither
             pulled nor pushed), e.g. same-class batch members beyond the K neighbours.
+        sim, sim_h: optional ``z z^T`` (with its gradient) and ``zh zh^T``, when the
+            caller has them already.
 
     The mean for anchor i runs over its real pairs (B - 1, minus ignored ones) plus its
     valid proxies.
@@ -293,7 +302,7 @@ def fda_loss(
         raise ValueError(f"student and reference features differ in shape: {tuple(z.shape)} vs {tuple(zh.shape)}")
     b = z.shape[0]
     zh = zh.detach()
-    sim_h = zh @ zh.t()
+    sim_h = (zh @ zh.t()) if sim_h is None else sim_h.detach()
     if positives is None:
         positives = graph_mask(knn_graph(sim_h, k), b)
     elif positives.shape != (b, b):
@@ -302,22 +311,16 @@ def fda_loss(
     positives = positives & off_diag
     pairs = off_diag if ignore is None else off_diag & (~ignore | positives)
     weights = signed_weights(sim_h, positives, neg_weight)
-    losses = pair_loss(z @ z.t(), weights, log_tau, bias) * pairs
+    losses = pair_loss((z @ z.t()) if sim is None else sim, weights, log_tau, bias) * pairs
     total = losses.sum(dim=1)
     count = pairs.sum(dim=1).to(z.dtype)
-    if proxies is not None:
-        for sims, w, valid in ((proxies.sim_pos, proxies.w_pos, proxies.valid_pos), (proxies.sim_neg, proxies.w_neg, proxies.valid_neg)):
-            term = pair_loss(sims, w, log_tau, bias) * valid.unsqueeze(1)
-            total = total + term.sum(dim=1)
-            count = count + valid.float() * sims.shape[1]
+    if proxies is not None:  # both proxy sets in one pass
+        n = proxies.sim_pos.shape[1]
+        sims = torch.cat([proxies.sim_pos, proxies.sim_neg], dim=1)
+        valid = torch.stack([proxies.valid_pos, proxies.valid_neg], dim=1).repeat_interleave(n, dim=1)  # (B, 2n)
+        total = total + (pair_loss(sims, torch.cat([proxies.w_pos, proxies.w_neg], dim=1), log_tau, bias) * valid).sum(dim=1)
+        count = count + valid.sum(dim=1).to(z.dtype)
     return (total / count).mean()
-
-
-def _rows_mean(values: Tensor, rows: Tensor) -> Tensor:
-    """Mean of ``values`` (B, ...) over the rows where ``rows`` (B,) is true (no indexing)."""
-    per_row = values.reshape(values.shape[0], -1).mean(1)
-    weights = rows.to(per_row.dtype)
-    return (per_row * weights).sum() / weights.sum().clamp(min=1)
 
 
 def _set_mean(sim: Tensor, mask: Tensor) -> Tensor:
@@ -337,6 +340,7 @@ def generator_loss(
     min_members: float = 2.0,
     entropy_weight: float = 1.0,
     normalize: bool = True,
+    sim: Tensor | None = None,
 ) -> Tensor:
     """The generator's own loss: validity + ``hardness`` * hard proxies + ``entropy_weight``
     * entropy floor + ``alpha`` * diversity.
@@ -365,55 +369,51 @@ def generator_loss(
       positives (resp. negatives). It keeps the n proxies of a set from collapsing onto
       one point.
 
-    Each term is averaged over the anchors that have the sets it needs.
+    Each term is averaged over the anchors that have the sets it needs (per side:
+    positive proxies over anchors with positives, negative proxies over anchors with
+    negatives). ``sim`` (``z z^T``, optional) saves recomputing it. Both sides are
+    computed together on stacked tensors: the same value as one side at a time, with
+    half the operations (the loss is small-tensor work, its cost is the number of ops).
     """
     z = z.detach()
     b = z.shape[0]
     eye = torch.eye(b, dtype=torch.bool, device=z.device)
-    negatives = ~positives & ~eye
-    sim = z @ z.t()
-    s_pos, gram_pos = proxy_similarity(sim, pooling.pos, normalize)  # (B, n), (B, n, n)
-    s_neg, gram_neg = proxy_similarity(sim, pooling.neg, normalize)
+    sets = torch.stack([positives & ~eye, ~positives & ~eye])  # (2, B, B): each side's real set
+    sim = (z @ z.t()) if sim is None else sim.detach()
+    n = pooling.pos.shape[1]
+    weights = torch.cat([pooling.pos, pooling.neg], dim=1)  # (B, 2n, B)
+    s, gram = proxy_similarity(sim, weights, normalize)  # (B, 2n), (B, 2n, 2n)
+    sign = torch.tensor([1.0, -1.0], dtype=sim.dtype, device=sim.device)
+    signed = s.view(b, 2, n) * sign.view(1, 2, 1)  # +s(i, P+) and -s(i, P-): larger = easier
+    has = torch.stack([pooling.has_pos, pooling.has_neg]).to(sim.dtype)  # (2, B)
+    count = sets.sum(2).to(sim.dtype)  # (2, B)
+    set_mean = (sim.unsqueeze(0) * sets).sum(2) / count.clamp(min=1)  # (2, B)
 
-    def info_nce(own: Tensor, others: Tensor, others_mask: Tensor) -> Tensor:
-        # -log(exp(own) / (exp(own) + sum_j exp(other_j))) for each proxy, per anchor.
-        masked = others.masked_fill(~others_mask, float("-inf"))
-        rest = torch.logsumexp(masked, dim=1, keepdim=True).expand_as(own)
-        return torch.logaddexp(own, rest) - own  # (B, n)
+    def side_means(values: Tensor, rows: Tensor) -> Tensor:
+        # values (B, 2, n), rows (2, B): per side, the mean over the rows of each row's mean
+        return ((values.mean(2) * rows.t()).sum(0) / rows.sum(1).clamp(min=1)).sum()
 
-    terms = []
-    both = pooling.has_pos & pooling.has_neg
-    if both.any():
-        terms.append(_rows_mean(info_nce(s_pos / temperature, sim / temperature, negatives), both))
-        terms.append(_rows_mean(info_nce(-s_neg / temperature, -sim / temperature, positives), both))
+    # validity, InfoNCE form: -log(exp(own) / (exp(own) + sum_j exp(other_j))); a positive
+    # proxy competes with the real negatives, a negative proxy (negated) with the positives
+    others = (sim.unsqueeze(0) * sign.view(2, 1, 1) / temperature).masked_fill(~sets.flip(0), float("-inf"))
+    rest = torch.logsumexp(others, dim=2).t().unsqueeze(2)  # (B, 2, 1)
+    own = signed / temperature
+    total = side_means(torch.logaddexp(own, rest) - own, (has[0] * has[1]).expand(2, b))
     if hardness > 0:
-        if pooling.has_pos.any():
-            too_easy = F.relu(s_pos - _set_mean(sim, positives).unsqueeze(1))
-            terms.append(hardness * _rows_mean(too_easy, pooling.has_pos))
-        if pooling.has_neg.any():
-            too_easy = F.relu(_set_mean(sim, negatives).unsqueeze(1) - s_neg)
-            terms.append(hardness * _rows_mean(too_easy, pooling.has_neg))
+        total = total + hardness * side_means(F.relu(signed - (set_mean * sign.view(2, 1)).t().unsqueeze(2)), has)
     if entropy_weight > 0:
-        for weights, mask, has in ((pooling.pos, positives, pooling.has_pos), (pooling.neg, negatives, pooling.has_neg)):
-            if has.any():
-                floor = mask.sum(1).float().clamp(min=1).clamp(max=min_members).log().unsqueeze(1)
-                terms.append(entropy_weight * _rows_mean(F.relu(floor - pooling_entropy(weights)), has))
-
-    def spread(gram: Tensor) -> Tensor:  # proxies' spread from their Gram matrix, (B,)
-        second = gram.diagonal(dim1=1, dim2=2).mean(-1)
-        return (second - gram.mean(dim=(1, 2))).clamp(min=0).add(1e-8).sqrt()
-
-    def set_spread(mask: Tensor) -> Tensor:  # spread of each anchor's real set, from sim
-        w = mask.float() / mask.float().sum(dim=1, keepdim=True).clamp(min=1)
-        second = w @ sim.diagonal()
-        return (second - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()
-
-    if pooling.pos.shape[1] > 1 and alpha > 0:
-        for gram, mask, has in ((gram_pos, positives, pooling.has_pos), (gram_neg, negatives, pooling.has_neg)):
-            if has.any():
-                hinge = F.relu(diversity_target * set_spread(mask) - spread(gram))
-                terms.append(alpha * _rows_mean(hinge, has))
-    return torch.stack(terms).sum() if terms else z.new_zeros(())
+        floor = count.clamp(min=1, max=min_members).log().t().unsqueeze(2)  # (B, 2, 1)
+        total = total + entropy_weight * side_means(F.relu(floor - pooling_entropy(weights).view(b, 2, n)), has)
+    if n > 1 and alpha > 0:
+        blocks = gram.view(b, 2, n, 2, n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, 2, n, n): each side's own Gram
+        second = blocks.diagonal(dim1=2, dim2=3).mean(-1)
+        spread = (second - blocks.mean(dim=(2, 3))).clamp(min=0).add(1e-8).sqrt()  # proxies' spread, (B, 2)
+        w = sets.to(sim.dtype) / count.clamp(min=1).unsqueeze(2)  # (2, B, B)
+        real_second = w @ sim.diagonal()
+        real_spread = (real_second - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()  # real sets' spread, (2, B)
+        hinge = F.relu(diversity_target * real_spread.t() - spread)  # (B, 2)
+        total = total + alpha * side_means(hinge.unsqueeze(2), has)
+    return total
 
 
 @torch.no_grad()
