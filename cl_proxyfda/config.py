@@ -105,9 +105,23 @@ class TrainSection(_Strict):
     hard_class_mining: bool = True
     mining_temperature: float = Field(0.5, gt=0, description="hard mining softness, in standard deviations of a class's similarities")
     augment: bool = Field(True, description="use the model's training augmentation (false: the eval transform)")
+    teacher_table: bool = Field(
+        False,
+        description="serve the frozen references' final image embeddings of training images from a table computed once per "
+        "experience instead of a teacher forward per batch (needs augment: false)",
+    )
     text_templates: Literal["first", "ensemble"] = Field(
         "first", description="training heads from each task's first template (as ZSCL/GIFT train) or every template; evaluation uses every template"
     )
+
+    @model_validator(mode="after")
+    def _table_needs_eval_transform(self) -> "TrainSection":
+        if self.teacher_table and self.augment:
+            raise ValueError(
+                "teacher_table: needs train.augment: false (the table holds features of the eval-transformed images; "
+                "with augmentation every batch's teacher features differ)"
+            )
+        return self
 
     @field_validator("lr_per_task")
     @classmethod

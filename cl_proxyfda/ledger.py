@@ -9,7 +9,8 @@ Written into ``metrics.json`` (``meta.ledger``), the summary table, W&B and comp
 - extra data: ``synthetic_images`` generated or reused from the cache and the seconds
   spent preparing them, ``reference_images`` (ZSCL's reference set, Infusing's generic set);
 - extra storage in MB: ``teacher_copies`` / ``teacher_mb`` (frozen models kept in memory)
-  and ``plugin_state_mb`` (anchors, importances, running averages a plugin keeps);
+  and ``plugin_state_mb`` (anchors, importances, running averages a plugin keeps),
+  ``teacher_table_mb`` (the largest teacher-embedding table held, ``train.teacher_table``);
 - ``peak_rss_mb`` (host), ``peak_gpu_mb`` (CUDA max allocated, 0 on CPU),
   ``wall_seconds`` and ``device_hours`` (wall time x processes);
 - ``task_label_at_test``: whether predictions need the task id (true for the
@@ -92,6 +93,7 @@ def build_ledger(
     copies = list(getattr(teachers, "models", {}).values()) if teachers is not None else []
     ledger["teacher_copies"] = len(copies)
     ledger["teacher_mb"] = sum(tensor_mb(m.state_dict().values()) for m in copies)
+    ledger["teacher_table_mb"] = float(getattr(teachers, "table_mb", 0.0)) if teachers is not None else 0.0
     ledger["plugin_state_mb"] = state
     ledger["peak_rss_mb"] = peak_rss_mb()
     ledger["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else 0.0
@@ -110,7 +112,8 @@ def format_ledger(ledger: dict[str, Any]) -> list[str]:
         f"Cost: trainable {int(ledger.get('trainable_params', 0)):,} ({share:.1f}%), +{int(ledger.get('inference_params_added', 0)):,} at inference, "
         f"synthetic images {int(ledger.get('synthetic_images', 0))} ({float(ledger.get('synthetic_seconds', 0.0)):.1f} s), "
         f"reference images {int(ledger.get('reference_images', 0))}",
-        f"      teachers {int(ledger.get('teacher_copies', 0))} ({float(ledger.get('teacher_mb', 0.0)):.1f} MB), plugin state "
+        f"      teachers {int(ledger.get('teacher_copies', 0))} ({float(ledger.get('teacher_mb', 0.0)):.1f} MB"
+        f"{', table %.1f MB' % float(ledger['teacher_table_mb']) if ledger.get('teacher_table_mb') else ''}), plugin state "
         f"{float(ledger.get('plugin_state_mb', 0.0)):.1f} MB, peak RSS {float(ledger.get('peak_rss_mb', 0.0)):.0f} MB, "
         f"peak GPU {float(ledger.get('peak_gpu_mb', 0.0)):.0f} MB, wall {float(ledger.get('wall_seconds', 0.0)):.0f} s "
         f"({float(ledger.get('device_hours', 0.0)):.4f} device-h), task label at test: {'yes' if ledger.get('task_label_at_test') else 'no'}",

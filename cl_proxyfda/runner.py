@@ -236,8 +236,11 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         num_experiences=len(tasks),
         autocast_dtype=amp,
         dist_context=ctx,
+        batch_indices=cfg.train.teacher_table,
     )
-    strategy.teachers = TeacherBank(initial_state=initial_state, half=cfg.run.teacher_half)
+    strategy.teachers = TeacherBank(
+        initial_state=initial_state, half=cfg.run.teacher_half, table=cfg.train.teacher_table, table_batch_size=cfg.eval.batch_size
+    )
     strategy.class_similarity = class_similarity
     benchmark = to_avalanche(tasks, pre_train if cfg.train.augment else pre_eval, pre_eval)
     test_sets = [t.test for t in tasks] + ([stream.control.test] if stream.control is not None else [])

@@ -5,6 +5,13 @@ Two references exist: ``pretrained`` (the model before any training) and ``previ
 model, created on first use. ``teacher_outputs`` runs one teacher forward per batch and
 reference, whatever number of plugins ask for it (the result is cached on the strategy
 under the training-iteration counter).
+
+With ``table=True`` (``train.teacher_table``) a reference's final image embeddings of
+the current experience's training images are computed once, in dataset order, on first
+use in the experience, and each batch's rows are then looked up by the dataset indices
+the batch carries (``CLStrategy.mb_indices``), with no teacher forward. This is exact
+only when the training batches are eval-transformed (``train.augment: false``, which the
+config enforces). Requests for intermediate layers still run the teacher.
 """
 from __future__ import annotations
 
@@ -25,13 +32,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 class TeacherBank:
     """Holds the frozen references of one strategy and a per-batch output cache."""
 
-    def __init__(self, initial_state: dict[str, Tensor] | None = None, half: bool = False) -> None:
+    def __init__(self, initial_state: dict[str, Tensor] | None = None, half: bool = False, table: bool = False, table_batch_size: int = 256) -> None:
         self.initial_state = initial_state
         self.half = half
+        self.table = table
+        self.table_batch_size = table_batch_size
         self.models: dict[str, nn.Module] = {}
         self._cache_key: Any = None
         self._cache: dict[str, dict[str, Any]] = {}
+        self._tables: dict[tuple[str, int], Tensor] = {}
         self.forward_count = 0
+        self.served_count = 0  # batches served from a table
+        self.table_mb = 0.0  # largest table held (MB)
 
     def _freeze(self, model: nn.Module) -> nn.Module:
         model.eval()
@@ -62,6 +74,26 @@ class TeacherBank:
         self._cache.clear()
         self._cache_key = None
 
+    def _table_for(self, strategy: Any, reference: str) -> Tensor:
+        """Final image embeddings of ``reference`` for every training image of the current
+        experience, in dataset order (computed on first use in each experience)."""
+        key = (reference, int(strategy.experience.current_experience))
+        if key not in self._tables:
+            self._tables = {k: v for k, v in self._tables.items() if k[1] == key[1]}  # drop earlier experiences'
+            teacher = self.get(strategy.model, reference)
+            param = next(teacher.parameters())
+            loader = torch.utils.data.DataLoader(
+                strategy.adapted_dataset, batch_size=self.table_batch_size, shuffle=False, num_workers=getattr(strategy, "workers", 0),
+                collate_fn=getattr(strategy.adapted_dataset, "collate_fn", None),
+            )
+            rows = []
+            with torch.no_grad():
+                for batch in loader:
+                    rows.append(teacher.encode_image(batch[0].to(param.device, param.dtype)).float())
+            self._tables[key] = torch.cat(rows)
+            self.table_mb = max(self.table_mb, sum(t.numel() * t.element_size() for t in self._tables.values()) / 2**20)
+        return self._tables[key]
+
     def outputs(self, strategy: Any, reference: str, layers: Iterable[str] = ()) -> dict[str, Any]:
         """Teacher features of the current mini-batch: ``image_embeds`` and ``layers``.
 
@@ -76,6 +108,13 @@ class TeacherBank:
         hit = self._cache.get(reference)
         if hit is not None and wanted <= set(hit["layers"]):
             return hit
+        indices = getattr(strategy, "mb_indices", None) if self.table and not wanted else None
+        if indices is not None:  # the table's rows for this batch: no teacher forward
+            table = self._table_for(strategy, reference)
+            out = {"image_embeds": table[indices.to(table.device)], "layers": {}}
+            self.served_count += 1
+            self._cache[reference] = out
+            return out
         teacher = self.get(strategy.model, reference)
         missing = wanted - set(teacher._layer_names)
         if missing:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
@@ -31,6 +31,35 @@ def warmup_cosine(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """A dataset whose items ``(x, y, ..., t)`` gain their index before the task label:
+    ``(x, y, ..., index, t)`` (Avalanche reads the task label from the last position)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> list[Any]:
+        item = list(self.dataset[index])
+        return item[:-1] + [index, item[-1]]
+
+
+class CollateWithIndex:
+    """Collates ``WithIndex`` items: the dataset's own collate on the items without their
+    index, then the indices as a tensor before the task labels (a class, so that data
+    loader workers can pickle it)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any] | None) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        indices = torch.tensor([item[-2] for item in items], dtype=torch.long)
+        batch = list(self.collate([item[:-2] + item[-1:] for item in items]))
+        return batch[:-1] + [indices, batch[-1]]
 
 
 class CLStrategy(SupervisedTemplate):
@@ -60,6 +89,7 @@ class CLStrategy(SupervisedTemplate):
         num_experiences: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         dist_context: DistContext | None = None,
+        batch_indices: bool = False,
     ) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -88,6 +118,7 @@ class CLStrategy(SupervisedTemplate):
         self.num_experiences = num_experiences
         self.autocast_dtype = autocast_dtype
         self.dist = dist_context or DistContext()
+        self.batch_indices = batch_indices
         self.experience_index = 0
         self.total_steps = 0
         self.base_lr = 0.0
@@ -101,13 +132,18 @@ class CLStrategy(SupervisedTemplate):
         sampler = self.batch_sampler_factory(self.experience_index, targets, self.total_steps)
         if self.dist.enabled:
             sampler = ShardedBatches(sampler, self.dist)
-        self.dataloader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=self.workers,
-            collate_fn=getattr(dataset, "collate_fn", None),
-            pin_memory=self.device.type == "cuda",
-        )
+        collate = getattr(dataset, "collate_fn", None)
+        if self.batch_indices:
+            dataset, collate = WithIndex(dataset), CollateWithIndex(collate)
+        self.dataloader = DataLoader(dataset, batch_sampler=sampler, num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda")
+
+    @property
+    def mb_indices(self) -> torch.Tensor | None:
+        """Dataset indices of the current training mini-batch (with ``batch_indices=True``;
+        they travel inside the batch, so they are right with any number of workers)."""
+        if not self.batch_indices or not self.is_training or self.mbatch is None or len(self.mbatch) < 4:
+            return None
+        return self.mbatch[-2]
 
     def make_optimizer(self, **kwargs: Any) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
