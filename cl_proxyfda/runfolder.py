@@ -42,6 +42,14 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
 )
 
 
+# Keys added to the schema after run folders were written, with the value that behaves as
+# runs did before the key existed: a folder whose config lacks such a key continues when
+# the new config has exactly that value.
+ADDED_KEYS_FORMER_VALUES: dict[str, Any] = {
+    "train.teacher_table": False,
+}
+
+
 def _neutral(path: str, ignore: tuple[str, ...]) -> bool:
     return any(path == key or path.startswith(key + ".") or path.startswith(key + "[") for key in ignore)
 
@@ -56,7 +64,8 @@ def config_differences(old: Any, new: Any, ignore: tuple[str, ...] = RESULT_NEUT
         for key in sorted(set(old) | set(new), key=str):
             sub = f"{path}.{key}" if path else str(key)
             if key not in old or key not in new:
-                if not _neutral(sub, ignore):
+                former = key not in old and sub in ADDED_KEYS_FORMER_VALUES and new[key] == ADDED_KEYS_FORMER_VALUES[sub]
+                if not former and not _neutral(sub, ignore):
                     out.append(sub)
             else:
                 out.extend(config_differences(old[key], new[key], ignore, sub))

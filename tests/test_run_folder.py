@@ -70,6 +70,13 @@ def test_differences_are_dotted_paths_and_skip_result_neutral_keys():
     assert "run.name" in config_differences(old, new, ignore=()) and "logging" in RESULT_NEUTRAL_KEYS
 
 
+def test_a_key_added_later_matches_folders_written_before_it_only_at_its_former_value():
+    old = {"train": {"lr": 1e-3}}
+    assert config_differences(old, {"train": {"lr": 1e-3, "teacher_table": False}}) == []
+    assert config_differences(old, {"train": {"lr": 1e-3, "teacher_table": True}}) == ["train.teacher_table"]
+    assert config_differences(old, {"train": {"lr": 1e-3, "brand_new": False}}) == ["train.brand_new"]
+
+
 @pytest.mark.parametrize(
     "overrides,keys",
     [
