@@ -1,20 +1,27 @@
-"""WiSE-FT: interpolate the fine-tuned weights with the pre-trained ones."""
+"""WiSE-FT: interpolate the fine-tuned weights with an anchor (pre-trained or start of the experience)."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 
 from cl_proxyfda.losses.regularizers import interpolate_weights
 from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.anchors import Anchor
 from cl_proxyfda.strategies.base import CLPlugin
 from cl_proxyfda.teacher import teacher_bank, unwrap
 
 
 class WiSEFTParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    alpha: float = Field(0.5, ge=0, le=1, description="theta = (1 - alpha) theta_0 + alpha theta")
+    alpha: float = Field(0.5, ge=0, le=1, description="theta = (1 - alpha) theta_anchor + alpha theta")
     when: Literal["every_experience", "end"] = "every_experience"
+    anchor: Anchor = Field(
+        "pretrained",
+        description="theta_anchor: pretrained = the weights before any training; previous = the weights at the start "
+        "of the experience (ZSCL's WiSE-FT baseline, --wise_ft_model n)",
+    )
 
 
 class WiSEFTPlugin(CLPlugin):
@@ -22,23 +29,30 @@ class WiSEFTPlugin(CLPlugin):
 
     name = "wiseft"
 
-    def __init__(self, alpha: float = 0.5, when: str = "every_experience") -> None:
+    def __init__(self, alpha: float = 0.5, when: str = "every_experience", anchor: str = "pretrained") -> None:
         super().__init__()
         self.alpha = alpha
         self.when = when
+        self.anchor = anchor
         self.applied = 0
+        self._start: dict[str, Tensor] | None = None  # anchor "previous": the weights at the experience's start
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self.anchor == "previous":
+            self._start = {k: v.detach().clone() for k, v in unwrap(strategy.model).state_dict().items()}
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         num_exps = getattr(strategy, "num_experiences", None)
         is_last = num_exps is not None and int(strategy.experience.current_experience) == num_exps - 1
         if self.when == "end" and not is_last:
             return
-        initial = teacher_bank(strategy).initial_state
-        if initial is None:
-            raise RuntimeError("WiSE-FT needs the strategy's initial (pre-trained) weights")
+        anchor = self._start if self.anchor == "previous" else teacher_bank(strategy).initial_state
+        if anchor is None:
+            raise RuntimeError(f"WiSE-FT needs the {self.anchor} weights (anchor: {self.anchor})")
         model = unwrap(strategy.model)
-        model.load_state_dict(interpolate_weights(initial, model.state_dict(), self.alpha))
+        model.load_state_dict(interpolate_weights(anchor, model.state_dict(), self.alpha))
         model.text_changed()
+        self._start = None
         self.applied += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -48,6 +62,6 @@ class WiSEFTPlugin(CLPlugin):
         self.applied = int(state.get("applied", 0))
 
 
-@STRATEGIES.register("wiseft", WiSEFTParams, help="WiSE-FT: weight interpolation with the pre-trained model")
+@STRATEGIES.register("wiseft", WiSEFTParams, help="WiSE-FT: weight interpolation with the pre-trained (or start-of-experience) model")
 def build_wiseft(params: WiSEFTParams, **context: Any) -> WiSEFTPlugin:
-    return WiSEFTPlugin(params.alpha, params.when)
+    return WiSEFTPlugin(params.alpha, params.when, params.anchor)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from avalanche.core import SupervisedPlugin
+
 from cl_proxyfda.config import parse_config
 from cl_proxyfda.losses.regularizers import feature_distance, interpolate_weights, l2_to_anchor
 from cl_proxyfda.runner import build_run, execute
@@ -92,6 +94,59 @@ def test_wiseft_half_is_between(tmp_path, tiny_stream_root):
     naive, _ = _run(tmp_path / "a", tiny_stream_root, [{"name": "naive"}], lr=1e-2, iterations=2)
     wise, _ = _run(tmp_path / "b", tiny_stream_root, [{"name": "wiseft", "alpha": 0.5, "when": "end"}], lr=1e-2, iterations=2)
     assert 0 < _weight_drift(wise) < _weight_drift(naive)
+
+
+class WeightLog(SupervisedPlugin):
+    """Copies of the model's weights at the start and at the end of each experience's
+    training (placed first: its after_training_exp runs before WiSE-FT's merge)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[dict[str, torch.Tensor]] = []
+        self.ends: list[dict[str, torch.Tensor]] = []
+
+    @staticmethod
+    def _copy(strategy) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in strategy.model.state_dict().items()}
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.starts.append(self._copy(strategy))
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.ends.append(self._copy(strategy))
+
+
+@pytest.mark.parametrize("anchor", ["previous", "pretrained"])
+def test_wiseft_anchor_by_hand_over_two_experiences(tmp_path, tiny_stream_root, anchor):
+    a = 0.7
+    cfg = tiny_config(tiny_stream_root, tmp_path / "runs", strategies=[{"name": "wiseft", "alpha": a, "anchor": anchor}],
+                      stream={"tasks": ["warm", "cool"]}, model={"train_towers": ["image", "text"]},
+                      train={"iterations": 3, "lr": 1e-2})
+    run = build_run(parse_config(cfg))
+    log = WeightLog()
+    run.strategy.plugins[:0] = [log]
+    execute(run, quiet=True)
+    pre = run.strategy.teachers.initial_state
+    final = run.model.state_dict()
+    assert len(log.starts) == len(log.ends) == 2
+    floats = [k for k, v in pre.items() if torch.is_floating_point(v)]
+    assert all(torch.equal(log.starts[0][k], pre[k]) for k in floats)
+    merged = []
+    for i in range(2):
+        base = log.starts[i] if anchor == "previous" else pre
+        merged.append({k: (1 - a) * base[k] + a * log.ends[i][k] for k in floats})
+    # the merge after experience 1 is where experience 2 starts; the merge after 2 is the final model
+    for k in floats:
+        torch.testing.assert_close(log.starts[1][k], merged[0][k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(final[k], merged[1][k], rtol=0, atol=1e-6)
+    moved = [k for k in floats if not torch.equal(log.ends[1][k], log.starts[1][k])]
+    assert "clip.visual.proj" in moved and "clip.text_projection" in moved  # both towers trained
+    # experience 1 starts from the pre-trained weights, so both anchors agree there;
+    # at experience 2 they differ: the other anchor's merge is not the final model
+    other = log.starts[1] if anchor == "pretrained" else pre
+    gap = max(float(((1 - a) * other[k] + a * log.ends[1][k] - final[k]).abs().max()) for k in moved)
+    assert gap > 1e-4
+    assert run.plugins[0].applied == 2
 
 
 def test_lwf_distills_from_the_second_experience(tmp_path, tiny_stream_root):

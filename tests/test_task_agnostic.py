@@ -203,13 +203,18 @@ def test_demo_stream_task_agnostic(tmp_path):
 # ------------------------------------------------------------- the X-TAIL stream
 def test_xtail_stream_definition(tmp_path):
     from cl_proxyfda.benchmarks.mtil import MTIL_ORDER_I, MTIL_ORDER_II
-    from cl_proxyfda.benchmarks.xtail import XTAIL_ORDERS, XTAILStreamParams
+    from cl_proxyfda.benchmarks.xtail import XTAIL_ORDERS, XTAILStreamParams, xtail_task_names
+    from cl_proxyfda.errors import UserError
     from cl_proxyfda.registry import STREAMS
     from test_mtil import make_folder_copy
 
     assert XTAIL_ORDERS["I"] == ["Aircraft", "Caltech101", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet", "StanfordCars", "SUN397"]
-    assert XTAIL_ORDERS["II"] == [n for n in MTIL_ORDER_II if n != "CIFAR100"] and len(XTAIL_ORDERS["II"]) == 10
-    assert set(XTAIL_ORDERS["I"]) == set(MTIL_ORDER_I) - {"CIFAR100"}
+    # LADA's configs/data/TAIL_order2.yaml: not MTIL's order II without CIFAR100
+    assert XTAIL_ORDERS["II"] == ["StanfordCars", "Aircraft", "OxfordPet", "Food", "SUN397", "MNIST", "Flowers", "DTD", "Caltech101", "EuroSAT"]
+    assert XTAIL_ORDERS["II"] != [n for n in MTIL_ORDER_II if n != "CIFAR100"]
+    assert set(XTAIL_ORDERS["I"]) == set(XTAIL_ORDERS["II"]) == set(MTIL_ORDER_I) - {"CIFAR100"}
+    assert xtail_task_names("II", ["sun397", "Aircraft", "food"]) == ["Aircraft", "Food", "SUN397"]
+    assert xtail_task_names("I", ["sun397", "Aircraft", "food"]) == ["Aircraft", "Food", "SUN397"]
     assert XTAILStreamParams(root="x").shots == 16
     root = make_folder_copy(tmp_path / "mtil")
     for order, expected in (("I", ["EuroSAT", "MNIST"]), ("II", ["MNIST", "EuroSAT"])):
@@ -217,8 +222,24 @@ def test_xtail_stream_definition(tmp_path):
         assert [t.name for t in data.tasks] == expected
         assert [len(t.train) for t in data.tasks] == [2 * 10, 2 * 10]  # 2 shots x 10 classes
         assert [len(t.test) for t in data.tasks] == [30, 30]  # full test sets
+        # with enough images per class the draw is the mtil stream's, image for image
+        mtil = STREAMS.build("mtil", {"root": str(root), "format": "image_folder", "order": order, "tasks": ["EuroSAT", "MNIST"], "shots": 2})
+        assert [t.train.indices for t in data.tasks] == [t.train.indices for t in mtil.tasks]
+    # 5 shots of classes with 3 training images: drawn with replacement (RAIL's and LADA's
+    # repeat=True), where the mtil stream refuses
+    data = STREAMS.build("xtail", {"root": str(root), "format": "image_folder", "tasks": ["EuroSAT"], "shots": 5, "train_limit": 40})
+    (task,) = data.tasks
+    full = STREAMS.build("xtail", {"root": str(root), "format": "image_folder", "tasks": ["EuroSAT"], "shots": None}).tasks[0]
+    assert len(full.train) == 30 and len(task.train) == 40  # 10 x 5 = 50 draws, then the seeded limit
+    unlimited = STREAMS.build("xtail", {"root": str(root), "format": "image_folder", "tasks": ["EuroSAT"], "shots": 5}).tasks[0]
+    assert len(unlimited.train) == 50 and np.bincount(unlimited.train.targets).tolist() == [5] * 10
+    assert len(set(unlimited.train.indices)) <= 30  # at most the 3 images of each class: repeats
+    with pytest.raises(UserError, match="stream.shots"):
+        STREAMS.build("mtil", {"root": str(root), "format": "image_folder", "tasks": ["EuroSAT"], "shots": 5})
     with pytest.raises(ConfigError, match="stream.tasks: CIFAR100 is not part of X-TAIL"):
         STREAMS.build("xtail", {"root": str(root), "format": "image_folder", "tasks": ["EuroSAT", "cifar100"]})
+    with pytest.raises(ConfigError, match="stream.tasks: unknown MTIL task 'Cars'"):
+        xtail_task_names("II", ["Cars"])
 
 
 # -------------------------------------------------------------- comparisons
