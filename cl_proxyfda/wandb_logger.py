@@ -14,6 +14,7 @@ logger falls back to offline mode, then to disabled mode: logging never stops a 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -44,6 +45,22 @@ def _flatten(prefix: str, value: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[name] = item
     return out
+
+
+@contextlib.contextmanager
+def _held_wandb_lines() -> Any:
+    """Hold back the ``wandb`` logger's warnings and errors (``error in wandb.init()``)
+    while an attempt that can fall back runs: the fallback warning says it in one line."""
+    wandb_log = logging.getLogger("wandb")
+
+    def below_warning(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+    wandb_log.addFilter(below_warning)
+    try:
+        yield
+    finally:
+        wandb_log.removeFilter(below_warning)
 
 
 class WandbLogger:
@@ -108,7 +125,8 @@ class WandbLogger:
         attempts = chain.get(mode, [mode])
         for attempt, next_mode in zip(attempts, attempts[1:] + [None]):
             try:
-                return wandb.init(mode=attempt, **init_kwargs), attempt
+                with _held_wandb_lines() if next_mode is not None else contextlib.nullcontext():
+                    return wandb.init(mode=attempt, **init_kwargs), attempt
             except Exception as exc:  # wandb raises several types: UsageError, CommError...
                 if next_mode is None:
                     raise
