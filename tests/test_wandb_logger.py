@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,21 +32,21 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
-def wandb_cli() -> str:
+def wandb_cli() -> list[str]:
+    """The wandb command line: the script beside this Python, else ``python -m wandb``
+    (a venv that reaches wandb through another environment's site-packages has no script)."""
     beside = Path(sys.executable).with_name("wandb")
-    found = str(beside) if beside.exists() else shutil.which("wandb")
-    assert found, "the wandb command-line tool is not installed"
-    return found
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "wandb"]
 
 
 def inspect_records(run_dir: Path) -> list[dict]:
-    out = subprocess.run([wandb_cli(), "leet", "inspect", "--json", str(run_dir)],
+    out = subprocess.run([*wandb_cli(), "leet", "inspect", "--json", str(run_dir)],
                          capture_output=True, text=True, timeout=60, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 def inspect_summary(run_dir: Path) -> dict:
-    out = subprocess.run([wandb_cli(), "leet", "inspect", "--summary", "--json", str(run_dir)],
+    out = subprocess.run([*wandb_cli(), "leet", "inspect", "--summary", "--json", str(run_dir)],
                          capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
 
