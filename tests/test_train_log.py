@@ -136,3 +136,21 @@ def test_train_every_must_be_at_least_one(tmp_path, tiny_stream_root):
     with pytest.raises(ConfigError, match=r"^logging.train_every: .*greater than or equal to 1"):
         parse_config(tiny_config(tiny_stream_root, tmp_path, logging={"train_every": 0}))
     assert parse_config(tiny_config(tiny_stream_root, tmp_path)).logging.train_every == 10
+
+
+def test_a_plugin_parameter_group_gets_its_own_lr_column(tmp_path, tiny_stream_root):
+    head_lr = 5e-3
+    cfg = tiny_config(
+        tiny_stream_root, tmp_path / "runs", train={"iterations": ITERATIONS, "warmup": 1, "lr": LR},
+        strategies=[{"name": "infusing_head", "lr": head_lr}],
+    )
+    run = build_run(parse_config(cfg))
+    execute(run, quiet=True)
+    columns, rows = rows_of(run.out_dir / TRAIN_LOG)
+    assert columns == [*FIXED_COLUMNS, "lr_infusing_head", "cosine_ce"]
+    assert len(rows) == 3 * ITERATIONS
+    for r in rows:
+        factor = warmup_cosine(int(r["iteration"]) - 1, ITERATIONS, 1, "cosine")
+        assert float(r["lr"]) == pytest.approx(LR * factor, rel=1e-12)
+        assert float(r["lr_infusing_head"]) == pytest.approx(head_lr * factor, rel=1e-12)
+        assert math.isfinite(float(r["cosine_ce"])) and float(r["cosine_ce"]) > 0
