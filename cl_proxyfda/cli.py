@@ -6,6 +6,7 @@ writing anything; a diverged run exits 3 with the last good checkpoint intact.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -27,9 +28,28 @@ def _quiet_environment() -> None:
     warnings.filterwarnings("ignore", message="No loggers specified")  # Avalanche: the runner logs itself
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import logging
+    configure_logging()
 
+
+class _StderrLines(logging.Handler):
+    """``warning: <message>`` on one line of the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"{record.levelname.lower()}: {one_line(record.getMessage())}", file=sys.stderr)
+        except Exception:  # a log line never stops a run
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Third-party libraries' log lines stay out (the root logger at ERROR); WARNING and
+    above from this package and from W&B (whose ``wandb`` logger does not propagate to
+    the root) print as ``warning: <message>`` on stderr. Idempotent."""
     logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("cl_proxyfda").setLevel(logging.WARNING)
+    for logger in (logging.getLogger(), logging.getLogger("wandb")):
+        if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+            logger.addHandler(_StderrLines(logging.WARNING))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -135,7 +135,6 @@ class TrainSection(_Strict):
 class EvalSection(_Strict):
     control: bool = True
     batch_size: int = Field(256, gt=0, le=MAX_BATCH)
-    every_experience: bool = True
     retrieval: bool = Field(False, description="image-to-image retrieval mAP@k and Recall@1 per task as extra matrices")
     retrieval_k: int = Field(20, gt=0, le=1_000_000, description="cut-off k of mAP@k")
     control_probe: Literal["none", "linear", "knn"] = Field(
@@ -164,6 +163,24 @@ class LoggingSection(_Strict):
     wandb: WandbSection = WandbSection()
     plots: bool = True
     progress: bool = True
+    train_every: int = Field(
+        10, ge=1, le=MAX_STEPS, description="training steps per write of train_log.csv and W&B's train/* (one host sync per write)"
+    )
+
+
+# Keys that configs once accepted: a file that still sets one gets this one-line reason.
+REMOVED_KEYS: dict[tuple[str, str], str] = {
+    ("eval", "every_experience"): "was removed: it was never read, and evaluation runs after every experience always; delete the key",
+}
+
+
+def removed_key(data: Any) -> ConfigError | None:
+    """The first key of :data:`REMOVED_KEYS` that a raw run mapping still sets."""
+    for (section, key), why in REMOVED_KEYS.items():
+        node = data.get(section) if isinstance(data, dict) else None
+        if isinstance(node, dict) and key in node:
+            return ConfigError(f"{section}.{key}", why)
+    return None
 
 
 class CheckpointSection(_Strict):
@@ -486,6 +503,9 @@ def config_problems(data: dict[str, Any]) -> list[ConfigError]:
     sections parse (they need them).
     """
     load_builtin_components()
+    removed = removed_key(data)
+    if removed is not None:
+        return [removed]
     try:
         check_numbers(data)
         cfg = RunConfig(**data)

@@ -116,6 +116,7 @@ class Run:
     device: torch.device
     amp: torch.dtype | None
     logger: Any = None
+    train_log: Any = None  # cl_proxyfda.train_log.TrainLog on rank 0 while executing
     dist: DistContext = field(default_factory=DistContext)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -397,6 +398,7 @@ def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
     if run.dist.is_main:
         _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.logger = _make_logger(run)
+        _start_train_log(run, start)
     barrier()
     exit_code = 1
     try:
@@ -410,6 +412,7 @@ def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
         for plugin in run.strategy.plugins:
             if isinstance(plugin, ProgressPlugin):
                 plugin.close()
+        _stop_train_log(run)
         if run.logger is not None:
             run.logger.finish(exit_code=exit_code)
     return results
@@ -460,7 +463,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
         if main:
             results.save(out)
         if logger is not None:
-            logger.log_row(results, 0)
+            logger.log_row(results, 0, global_step=_global_step(run))
     else:
         say(f"resuming {out} after experience {start}/{n}")
         if main:  # the checkpoint's rows replace whatever results files the folder has
@@ -492,7 +495,7 @@ def _train_stream(run: Run, results: Any, start: int, quiet: bool) -> Any:
             )
         barrier()  # the checkpoint of this experience exists for every process
         if logger is not None:
-            logger.log_row(results, i + 1)
+            logger.log_row(results, i + 1, global_step=_global_step(run))
         say(f"[{i + 1}/{n}] {run.task_names[i]}: acc {row[i]:.1f} | seen mean {np.mean(row[: i + 1]):.1f}" + (f" | control {control:.1f}" if control is not None else "") + (f" | probe {probe.control:.1f}" if probe.control is not None else ""))
     images = render_all(results, out) if cfg.logging.plots and main else []
     if logger is not None:
@@ -550,6 +553,28 @@ def _make_logger(run: Run) -> Any:
     from cl_proxyfda.wandb_logger import WandbLogger
 
     return WandbLogger(run.out_dir, project=wb.project, entity=wb.entity, group=wb.group, name=run.config.run.name, mode=wb.mode, config=run.config.to_dict())
+
+
+def _start_train_log(run: Run, done: int) -> None:
+    """Record training curves (rank 0): ``train_log.csv`` holds the rows of the ``done``
+    experiences a resumed checkpoint covers, and the step count goes on from there."""
+    from cl_proxyfda.train_log import TRAIN_LOG, TrainLog, steps_before
+
+    first = steps_before(run.strategy, run.benchmark.train_stream, done)
+    run.train_log = TrainLog(run.out_dir / TRAIN_LOG, every=run.config.logging.train_every, logger=run.logger, global_step=first).open(done)
+    run.strategy.plugins.append(run.train_log)
+
+
+def _stop_train_log(run: Run) -> None:
+    """Write the steps still pending (also when training stopped early) and detach."""
+    if run.train_log is not None:
+        run.strategy.plugins.remove(run.train_log)
+        run.train_log, train_log = None, run.train_log
+        train_log.close()
+
+
+def _global_step(run: Run) -> int | None:
+    return run.train_log.global_step if run.train_log is not None else None
 
 
 def run_config(cfg: RunConfig, out_dir: Path | None = None, resume: bool = False, quiet: bool = False) -> Any:

@@ -2,8 +2,10 @@
 
 Avalanche's ``WandBLogger`` does not work with wandb 0.31 (it calls removed functions),
 so the runner uses this one. It logs per-experience scalars against an ``experience``
-step metric, training scalars against ``iteration``, and at the end the accuracy matrix
-as a table, the stability-plasticity curves as a line plot and the metric summary.
+step metric, training scalars against ``global_step`` (optimizer steps since the start of
+the run, across experiences; evaluation rows carry the ``global_step`` they were taken
+at too, so both can be plotted on one axis), and at the end the accuracy matrix as a
+table, the stability-plasticity curves as a line plot and the metric summary.
 
 Modes: ``"offline"`` (default: local files under ``run_dir/wandb``, no key, no
 network; upload later with ``wandb sync``), ``"online"`` and ``"disabled"``. If W&B
@@ -12,6 +14,7 @@ logger falls back to offline mode, then to disabled mode: logging never stops a 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -44,6 +47,22 @@ def _flatten(prefix: str, value: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _held_wandb_lines() -> Any:
+    """Hold back the ``wandb`` logger's warnings and errors (``error in wandb.init()``)
+    while an attempt that can fall back runs: the fallback warning says it in one line."""
+    wandb_log = logging.getLogger("wandb")
+
+    def below_warning(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+    wandb_log.addFilter(below_warning)
+    try:
+        yield
+    finally:
+        wandb_log.removeFilter(below_warning)
+
+
 class WandbLogger:
     """One W&B run for one continual-learning run.
 
@@ -57,8 +76,9 @@ class WandbLogger:
     Per-experience keys (step metric ``experience`` = row index, 0 = zero-shot):
     ``acc/<task>``, ``acc_all_mean``, ``acc_seen_mean`` and ``acc_new_task`` (rows >= 1),
     ``control_acc``, ``control_probe`` (``eval.control_probe``), ``diag/<name>`` and
-    ``<extra matrix>/<task>``.
-    Training keys (step metric ``iteration``): ``train/<name>``.
+    ``<extra matrix>/<task>``; each row also records ``global_step``.
+    Training keys (step metric ``global_step``): ``train/loss``, ``train/lr``,
+    ``train/lr_<group>`` and ``train/<plugin term>`` (see :mod:`cl_proxyfda.train_log`).
     """
 
     def __init__(
@@ -94,10 +114,10 @@ class WandbLogger:
         )
         self.run, self.mode = self._start(mode, init_kwargs)
         self.run.define_metric("experience")
-        self.run.define_metric("iteration")
+        self.run.define_metric("global_step")
         for glob in ("acc/*", "acc_*", "control_acc", "control_probe", "diag/*"):
             self._step_metric(glob, "experience")
-        self._step_metric("train/*", "iteration")
+        self._step_metric("train/*", "global_step")
 
     @staticmethod
     def _start(mode: str, init_kwargs: dict[str, Any]) -> tuple[Any, str]:
@@ -105,7 +125,8 @@ class WandbLogger:
         attempts = chain.get(mode, [mode])
         for attempt, next_mode in zip(attempts, attempts[1:] + [None]):
             try:
-                return wandb.init(mode=attempt, **init_kwargs), attempt
+                with _held_wandb_lines() if next_mode is not None else contextlib.nullcontext():
+                    return wandb.init(mode=attempt, **init_kwargs), attempt
             except Exception as exc:  # wandb raises several types: UsageError, CommError...
                 if next_mode is None:
                     raise
@@ -153,20 +174,24 @@ class WandbLogger:
                 data[f"{safe_name(matrix_name)}/{safe_name(task)}"] = value
         return {k: float(v) for k, v in data.items() if _finite(v)}
 
-    def log_row(self, results: RunResults, i: int) -> None:
-        """Log row ``i`` of the results (0 = zero-shot) against ``experience = i``."""
+    def log_row(self, results: RunResults, i: int, global_step: int | None = None) -> None:
+        """Log row ``i`` of the results (0 = zero-shot) against ``experience = i``; with
+        ``global_step`` (training steps done before the evaluation) on that axis too."""
         data = self.row_scalars(results, i)
         for matrix_name in results.extra_matrices:
             self._step_metric(f"{safe_name(matrix_name)}/*", "experience")
         data["experience"] = i
+        if global_step is not None:
+            data["global_step"] = global_step
         self.run.log(data)
 
-    def log_training(self, values: Mapping[str, float], iteration: int) -> None:
-        """Log training scalars (losses, learning rate) as ``train/<name>`` per iteration."""
+    def log_training(self, values: Mapping[str, float], step: int) -> None:
+        """Log training scalars (loss, learning rates, plugin terms) of optimizer step
+        ``step`` (counted across experiences) as ``train/<name>``; non-finite ones are left out."""
         data: dict[str, float] = {
             f"train/{safe_name(k)}": float(v) for k, v in values.items() if _finite(float(v))
         }
-        data["iteration"] = iteration
+        data["global_step"] = step
         self.run.log(data)
 
     def log_final(

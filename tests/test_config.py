@@ -37,6 +37,8 @@ BAD_CASES = [
     ("class-balanced batch mismatch", lambda c: c["train"].update(sampler="class_balanced", classes_per_batch=2, images_per_class=2), "train.batch_size", "class_balanced"),
     ("bad lr override", lambda c: c["train"].update(lr_per_task={"warm": 0}), "train.lr_per_task", "must be > 0"),
     ("run name with slash", lambda c: c["run"].update(name="a/b"), "run.name", "plain folder name"),
+    ("removed key", lambda c: c["eval"].update(every_experience=True), "eval.every_experience", "was removed"),
+    ("zero train_every", lambda c: c["logging"].update(train_every=0), "logging.train_every", "greater than or equal to 1"),
 ]
 
 
@@ -143,3 +145,16 @@ def test_auto_sampler_is_class_balanced_for_fda_runs_only(tmp_path):
     assert parse_config(odd).sampler_layout()[0] == "random"  # 30 does not split into classes of 4
     pinned = {**base, "train": {"batch_size": 32, "sampler": "random"}, "strategies": [{"name": "fda"}]}
     assert parse_config(pinned).sampler_layout()[0] == "random"
+
+
+def test_removed_key_says_why_also_through_set_and_validate(tmp_path, tiny_stream_root, capsys):
+    path = write(tmp_path, tiny_config(tiny_stream_root, tmp_path / "runs"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["eval.every_experience=false"])
+    assert str(err.value) == (
+        "eval.every_experience: was removed: it was never read, and evaluation runs after every experience always; delete the key"
+    )
+    assert main(["validate", str(path), "--set", "eval.every_experience=true"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"error: {err.value}"]
+    assert "every_experience" not in parse_config(tiny_config(tiny_stream_root, tmp_path)).to_dict()["eval"]

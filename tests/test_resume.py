@@ -17,6 +17,7 @@ from cl_proxyfda import checkpoint as ckpt
 from cl_proxyfda.config import parse_config
 from cl_proxyfda.results import RunResults
 from cl_proxyfda.runner import build_run, execute
+from cl_proxyfda.train_log import TRAIN_LOG, read_train_log
 from conftest import tiny_config
 
 STRATEGIES = [{"name": "l2sp", "weight": 0.1, "anchor": "previous"}, {"name": "lwf", "alpha": 0.5}]
@@ -51,6 +52,7 @@ def test_sigkill_after_experience_2_then_resume_matches_uninterrupted(tmp_path, 
     assert not (out / "checkpoints" / "exp_003.pt").exists(), "killed too late: the run had finished"
     partial = RunResults.load(out)
     assert len(partial.rows) == 3  # row 0 + two experiences
+    assert (out / TRAIN_LOG).read_text().endswith("\n")  # whole lines only, whenever the kill came
 
     resumed = _cli(["run", str(cfg_path), "--resume"])
     _, err = resumed.communicate(timeout=240)
@@ -58,6 +60,14 @@ def test_sigkill_after_experience_2_then_resume_matches_uninterrupted(tmp_path, 
     assert b"resuming" in err
     final = RunResults.load(out)
     np.testing.assert_allclose(final.matrix(), ref.matrix(), atol=1e-6)
+    # the training curves: the rows of experiences 1-2 kept, experience 3's written once
+    header, rows = read_train_log(out / TRAIN_LOG)
+    ref_header, ref_rows = read_train_log(tmp_path / "ref" / "tiny" / TRAIN_LOG)
+    assert header == ref_header and len(rows) == len(ref_rows) == 3 * iterations
+    assert [r["global_step"] for r in rows] == [str(s) for s in range(1, 3 * iterations + 1)]
+    for r, expected in zip(rows, ref_rows):
+        assert (r["experience"], r["iteration"], r["lr"]) == (expected["experience"], expected["iteration"], expected["lr"])
+        assert float(r["loss"]) == pytest.approx(float(expected["loss"]), rel=1e-5, abs=1e-7)
 
 
 def test_run_folder_with_a_run_needs_resume(tmp_path, tiny_stream_root, capsys):

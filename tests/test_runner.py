@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ from cl_proxyfda.config import parse_config
 from cl_proxyfda.metrics import summarize
 from cl_proxyfda.runner import build_run, execute
 from conftest import TINY_TASKS, tiny_config, write_image_folder_stream
+from test_wandb_logger import wandb_cli
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def stream_with_control(tmp_path: Path) -> Path:
 
 
 def _leet(*args: str) -> list[dict]:
-    proc = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*wandb_cli(), "leet", "inspect", "--json", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip().startswith("{")]
 
@@ -144,35 +148,37 @@ def test_nan_loss_stops_with_experience_and_iteration(tmp_path, tiny_stream_root
     assert len(json.loads((out / "metrics.json").read_text())["rows"]) == 2
 
 
-def test_readme_python_example_pattern(tiny_stream_root):
-    """The README's composition of plugins on a plain Avalanche SupervisedTemplate."""
-    from avalanche.training.templates import SupervisedTemplate
+# The README's demo stream and model take about a minute here: the test runs the README's
+# block itself with only these two calls swapped for the tiny image-folder stream and model.
+README_SWAPS = {
+    'STREAMS.build("demo", {"seed": 0})': 'STREAMS.build("image_folder", {"root": TINY_ROOT})',
+    'build_task_model("demo-clip-tiny", "demo",': 'build_task_model("cl-test-tiny", None,',
+}
 
-    from cl_proxyfda.benchmarks.stream import to_avalanche
-    from cl_proxyfda.models import build_task_model
-    from cl_proxyfda.registry import STREAMS, load_builtin_components
-    from cl_proxyfda.strategies.l2sp import L2SPPlugin
-    from cl_proxyfda.strategies.ldifs import LDIFSPlugin
-    from cl_proxyfda.teacher import TeacherBank
 
-    load_builtin_components()
-    stream = STREAMS.build("image_folder", {"root": str(tiny_stream_root)})
-    model, train_tf, eval_tf = build_task_model("cl-test-tiny", None, [t.vocabulary for t in stream.tasks])
-    benchmark = to_avalanche(stream.tasks, train_tf, eval_tf)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ldifs = LDIFSPlugin(weight=10.0, layers="embed")
-    strategy = SupervisedTemplate(
-        model=model,
-        optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3),
-        train_mb_size=8,
-        train_epochs=1,
-        plugins=[ldifs, L2SPPlugin(weight=0.1)],
-    )
-    strategy.teachers = TeacherBank(initial_state=before)
-    for experience in benchmark.train_stream:
-        strategy.train(experience)
-    assert ldifs.loss_terms["ldifs"] > 0
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+def readme_python_block() -> str:
+    """The README's one ``python`` code block (the plugin composition example)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) == 1, f"expected one python block in README.md, found {len(blocks)}"
+    return blocks[0]
+
+
+def test_readme_python_example_runs(tiny_stream_root):
+    """The README's composition of plugins on a plain Avalanche SupervisedTemplate, as written there."""
+    code = readme_python_block()
+    for old, new in README_SWAPS.items():
+        assert code.count(old) == 1, f"README's python block no longer has {old!r}"
+        code = code.replace(old, new)
+    namespace: dict = {"TINY_ROOT": str(tiny_stream_root)}
+    exec(compile(code, "README.md:python", "exec"), namespace)
+    strategy, model = namespace["strategy"], namespace["model"]
+    before = strategy.teachers.initial_state
+    assert strategy.clock.train_exp_counter == len(namespace["stream"].tasks) == 3  # every experience trained
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the weights moved
+    ldifs, l2sp = strategy.plugins[:2]
+    assert ldifs.loss_terms["ldifs"] > 0 and l2sp.loss_terms["l2sp"] > 0  # both regularisers took part
+    assert math.isfinite(float(strategy.loss))
 
 
 def test_wandb_online_without_key_falls_back_to_offline_and_the_run_goes_on(tmp_path, tiny_stream_root, monkeypatch, caplog):
@@ -185,6 +191,48 @@ def test_wandb_online_without_key_falls_back_to_offline_and_the_run_goes_on(tmp_
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "wandb" in r.getMessage().lower()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert len(list((tmp_path / "runs" / "tiny").rglob("*.wandb"))) == 1  # logged offline instead
+
+
+def test_cli_prints_the_wandb_fallback_warning_on_one_line(tmp_path, tiny_stream_root):
+    """`cl-proxyfda run` with W&B online and no server: the package's warning reaches the
+    terminal (the root logger stays at ERROR for third-party lines); the run goes on."""
+    cfg = tiny_config(tiny_stream_root, tmp_path / "runs", logging={"wandb": {"mode": "online", "project": "nonet"}}, train={"iterations": 1})
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="online", WANDB_BASE_URL="http://127.0.0.1:9", WANDB_SILENT="true",  # nothing listens on port 9
+               **{var: str(tmp_path / var.lower()) for var in ("WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR")})
+    proc = subprocess.run([sys.executable, "-m", "cl_proxyfda", "run", str(cfg_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(ours) == 1, proc.stderr
+    assert "W&B could not start in online mode" in ours[0] and "continuing in offline mode" in ours[0]
+    assert "error in wandb.init" not in proc.stderr  # W&B's own line for the same event is held back
+    assert len(list((tmp_path / "runs" / "tiny").rglob("*.wandb"))) == 1
+
+
+def test_logging_configuration_lets_package_and_wandb_warnings_through(capsys):
+    import logging
+
+    from cl_proxyfda.cli import configure_logging
+
+    root, levels = logging.getLogger(), {n: logging.getLogger(n).level for n in ("", "cl_proxyfda")}
+    handlers = {n: list(logging.getLogger(n).handlers) for n in ("", "wandb")}
+    try:
+        configure_logging()
+        configure_logging()  # idempotent: one line per record, not two
+        logging.getLogger("cl_proxyfda.runner").warning("ours\nsecond line")
+        logging.getLogger("wandb").warning("from wandb")
+        logging.getLogger("wandb").info("wandb chatter")
+        logging.getLogger("urllib3.connectionpool").warning("third-party retry")
+        logging.getLogger("cl_proxyfda.runner").info("our chatter")
+        assert capsys.readouterr().err.splitlines() == ["warning: ours\\nsecond line", "warning: from wandb"]
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, kept in handlers.items():
+            logging.getLogger(name).handlers[:] = kept
+    assert root.level == levels[""]
 
 
 def test_saved_config_is_resolved_with_component_defaults(tmp_path, tiny_stream_root):

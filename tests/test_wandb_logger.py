@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,21 +32,21 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
-def wandb_cli() -> str:
+def wandb_cli() -> list[str]:
+    """The wandb command line: the script beside this Python, else ``python -m wandb``
+    (a venv that reaches wandb through another environment's site-packages has no script)."""
     beside = Path(sys.executable).with_name("wandb")
-    found = str(beside) if beside.exists() else shutil.which("wandb")
-    assert found, "the wandb command-line tool is not installed"
-    return found
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "wandb"]
 
 
 def inspect_records(run_dir: Path) -> list[dict]:
-    out = subprocess.run([wandb_cli(), "leet", "inspect", "--json", str(run_dir)],
+    out = subprocess.run([*wandb_cli(), "leet", "inspect", "--json", str(run_dir)],
                          capture_output=True, text=True, timeout=60, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 def inspect_summary(run_dir: Path) -> dict:
-    out = subprocess.run([wandb_cli(), "leet", "inspect", "--summary", "--json", str(run_dir)],
+    out = subprocess.run([*wandb_cli(), "leet", "inspect", "--summary", "--json", str(run_dir)],
                          capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
 
@@ -65,8 +64,8 @@ def test_offline_run_logs_rows_and_final(tmp_path):
     for i, row in enumerate(ROWS):
         results.add_row(row, control=CONTROL[i], diagnostics={"feature_distance": 0.25 * i},
                         extra={"retrieval_map": [v / 2 for v in row]})
-        logger.log_row(results, i)
-        logger.log_training({"loss": 1.0 / (i + 1), "loss/proxy_fda": 0.1}, iteration=10 * i)
+        logger.log_row(results, i, global_step=10 * i)
+        logger.log_training({"loss": 1.0 / (i + 1), "loss/proxy_fda": 0.1}, step=10 * i + 5)
     logger.log_final(results, config={"final_note": "done"})
     logger.finish()
     logger.finish()  # idempotent
@@ -89,7 +88,8 @@ def test_offline_run_logs_rows_and_final(tmp_path):
     assert per_exp[3]["diag/feature_distance"] == pytest.approx(0.75)
     assert per_exp[3]["retrieval_map/cifar"] == pytest.approx(40.0)
     train = [h for h in history if "train/loss" in h]
-    assert [h["iteration"] for h in train] == [0, 10, 20, 30]
+    assert [h["global_step"] for h in train] == [5, 15, 25, 35]
+    assert [per_exp[i]["global_step"] for i in range(4)] == [0, 10, 20, 30]  # evaluation on the same axis
     assert train[1]["train/loss"] == pytest.approx(0.5)
     assert train[1]["train/loss_proxy_fda"] == pytest.approx(0.1)
 
@@ -97,7 +97,7 @@ def test_offline_run_logs_rows_and_final(tmp_path):
                    for r in records if r["type"] == "metric"}
     assert metric_defs["acc/*"]["step_metric"] == "experience"
     assert metric_defs["retrieval_map/*"]["step_metric"] == "experience"
-    assert metric_defs["train/*"]["step_metric"] == "iteration"
+    assert metric_defs["train/*"]["step_metric"] == "global_step"
 
     info = inspect_summary(local)
     assert info["state"] == "finished" and info["exit_code"] == 0
@@ -204,7 +204,7 @@ def test_disabled_mode_writes_nothing(tmp_path):
     logger = WandbLogger(tmp_path / "run", "cl-test", mode="disabled", config={"a": 1})
     assert logger.mode == "disabled" and logger.local_dir is None
     logger.log_row(results, 0)
-    logger.log_training({"loss": 1.0}, iteration=0)
+    logger.log_training({"loss": 1.0}, step=0)
     logger.log_final(results)
     logger.finish()
     assert list((tmp_path / "run").iterdir()) == []
