@@ -42,11 +42,12 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
 )
 
 
-# Keys added to the schema after run folders were written, with the value that behaves as
-# runs did before the key existed: a folder whose config lacks such a key continues when
-# the new config has exactly that value.
-ADDED_KEYS_FORMER_VALUES: dict[str, Any] = {
-    "train.teacher_table": False,
+# Keys added to (or removed from) the schema after run folders were written, with the
+# value that behaves as runs did without the key: a config that lacks such a key equals
+# one that has exactly that value.
+ABSENT_KEY_VALUES: dict[str, Any] = {
+    "train.teacher_table": False,  # added: false is the former behaviour
+    "eval.every_experience": True,  # removed: it was never read
 }
 
 
@@ -64,8 +65,9 @@ def config_differences(old: Any, new: Any, ignore: tuple[str, ...] = RESULT_NEUT
         for key in sorted(set(old) | set(new), key=str):
             sub = f"{path}.{key}" if path else str(key)
             if key not in old or key not in new:
-                former = key not in old and sub in ADDED_KEYS_FORMER_VALUES and new[key] == ADDED_KEYS_FORMER_VALUES[sub]
-                if not former and not _neutral(sub, ignore):
+                present = new[key] if key in new else old[key]
+                equivalent = sub in ABSENT_KEY_VALUES and present == ABSENT_KEY_VALUES[sub]
+                if not equivalent and not _neutral(sub, ignore):
                     out.append(sub)
             else:
                 out.extend(config_differences(old[key], new[key], ignore, sub))

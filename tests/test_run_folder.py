@@ -70,11 +70,14 @@ def test_differences_are_dotted_paths_and_skip_result_neutral_keys():
     assert "run.name" in config_differences(old, new, ignore=()) and "logging" in RESULT_NEUTRAL_KEYS
 
 
-def test_a_key_added_later_matches_folders_written_before_it_only_at_its_former_value():
+def test_keys_added_or_removed_later_match_folders_only_at_their_former_value():
     old = {"train": {"lr": 1e-3}}
     assert config_differences(old, {"train": {"lr": 1e-3, "teacher_table": False}}) == []
     assert config_differences(old, {"train": {"lr": 1e-3, "teacher_table": True}}) == ["train.teacher_table"]
     assert config_differences(old, {"train": {"lr": 1e-3, "brand_new": False}}) == ["train.brand_new"]
+    # a key removed later: a folder that had it at its former value continues
+    assert config_differences({"eval": {"every_experience": True}}, {"eval": {}}) == []
+    assert config_differences({"eval": {"every_experience": False}}, {"eval": {}}) == ["eval.every_experience"]
 
 
 @pytest.mark.parametrize(
