@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads make timings erratic
 
-from cl_proxyfda.bench import (  # noqa: E402
+from cl_proxyfda.tools.bench import (  # noqa: E402
     CACHE_CHECK_TOLERANCE,
     QUICK,
     SECTIONS,
