@@ -85,10 +85,13 @@ def _check_registered(names: Iterable[str], registry: Registry[Any], table: str)
                                f"(registered: {', '.join(registry.names())})")
 
 
-def check_overrides(overrides: Mapping[str, tuple[Variant, ...]], registry: Registry[Any] = STRATEGIES) -> None:
-    """Every name of ``overrides`` (keys and ``after``) is registered and every variant's
-    arguments are valid for that strategy's Params; else a RuntimeError naming it."""
+def check_overrides(overrides: Mapping[str, tuple[Variant, ...]], registry: Registry[Any] = STRATEGIES,
+                    model_needs: Mapping[str, Any] = MODEL_NEEDS) -> None:
+    """Every name of ``overrides`` (keys and ``after``) and of ``model_needs`` is registered
+    and every variant's arguments are valid for that strategy's Params; else a
+    RuntimeError naming it."""
     _check_registered(overrides, registry, "OVERRIDES")
+    _check_registered(model_needs, registry, "MODEL_NEEDS")
     for name, variants in overrides.items():
         for variant in variants:
             _check_registered(variant.after, registry, f"OVERRIDES[{name!r}].after")
@@ -101,17 +104,19 @@ def check_overrides(overrides: Mapping[str, tuple[Variant, ...]], registry: Regi
 
 
 def strategy_presets(ctx: BenchContext, batch_size: int, overrides: Mapping[str, tuple[Variant, ...]] | None = None,
-                     registry: Registry[Any] | None = None) -> list[StepEntry]:
-    """One or more rows for every registered strategy (registry order, naive first)."""
+                     registry: Registry[Any] | None = None,
+                     model_needs: Mapping[str, Callable[[BenchContext], dict[str, Any]]] | None = None) -> list[StepEntry]:
+    """One or more rows for every registered strategy (registry order, naive first); the
+    tables default to :data:`OVERRIDES`, :data:`MODEL_NEEDS` and ``STRATEGIES``."""
     if registry is None:
         load_builtin_components()
         registry = STRATEGIES
     overrides = OVERRIDES if overrides is None else overrides
-    check_overrides(overrides, registry)
+    model_needs = MODEL_NEEDS if model_needs is None else model_needs
+    check_overrides(overrides, registry, model_needs)
     if "naive" not in registry:
         raise RuntimeError("bench presets: the naive strategy (the baseline) is not registered")
     data = {name: args for name, args in side_data_args(ctx, batch_size).items() if name in registry}
-    _check_registered(MODEL_NEEDS, registry, "MODEL_NEEDS")
     entries: list[StepEntry] = []
     for name in registry.names():
         for variant in overrides.get(name, (Variant(),)):
@@ -120,8 +125,8 @@ def strategy_presets(ctx: BenchContext, batch_size: int, overrides: Mapping[str,
             strategies.append({"name": name, **data.get(name, {}), **variant.args})
             model: dict[str, Any] = {}
             for n in names:
-                if n in MODEL_NEEDS:
-                    model.update(MODEL_NEEDS[n](ctx))
+                if n in model_needs:
+                    model.update(model_needs[n](ctx))
             fields = {k: v for section in model.values() for k, v in section.items()}
             label = (variant.label or name).format(**fields)
             entries.append(StepEntry(label, strategies, cached_teacher=variant.cached_teacher, model=model))
