@@ -114,6 +114,18 @@ def test_gpu_section_says_why_it_is_skipped_on_cpu(tmp_path):
     assert "skipped: no CUDA device" in (tmp_path / "bench.md").read_text()
 
 
+
+def test_generation_section_times_the_pipeline_and_the_cache_with_timer(tmp_path):
+    report = run_bench(quick=True, sections="generation", model="cl-test-tiny", echo=lambda msg: None)
+    sec = report["sections"]["generation"]
+    assert set(sec["ratios"]) == {"generation_batched_over_single_images_per_s", "cache_generation_over_hit"}
+    assert all(math.isfinite(v) and v > 0 for v in sec["ratios"].values())
+    assert len(sec["rows"]) == 4 and all(row[1] > 0 and row[2] > 0 for row in sec["rows"])
+    for row in sec["rows"]:  # images/s is the batch (or cache) size over the median time
+        n = QUICK.generation_batch if "pipeline" in row[0] or "calls of one" in row[0] else QUICK.cache_images
+        assert row[2] == pytest.approx(n / (row[1] / 1000), rel=1e-9)
+    assert "Timer.blocked_autorange" in sec["setting"]
+
 def test_cached_teacher_serves_exactly_what_the_forward_computes(tmp_path):
     ctx = BenchContext(QUICK, "cl-test-tiny", None, torch.device("cpu"), tmp_path, lambda msg: None)
     entries = [StepEntry("naive", [{"name": "naive"}]), StepEntry("fda, teacher from cache", [{"name": "fda"}], cached_teacher=True),
