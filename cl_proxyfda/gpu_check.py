@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cl_proxyfda.tools.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.results import atomic_write_text, to_jsonable
+from cl_proxyfda.tools.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
 
 TARGET_SECONDS = 480
 """The full-size check is meant to finish within 8 minutes on one CUDA device."""

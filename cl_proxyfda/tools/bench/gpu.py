@@ -47,8 +47,7 @@ def unet_images_per_second(config: dict[str, Any], device: torch.device, dtype: 
                 latents = scheduler.step(uncond + 7.5 * (text - uncond), t, latents).prev_sample
 
     seconds = seconds_per_call(lambda: generate(steps), min_run_time)
-    del unet
-    return batch / seconds
+    return batch / seconds  # unet is freed with the closure
 
 
 def gpu_section(ctx: BenchContext, device: torch.device | None = None, clip_model: str | None = None,
