@@ -208,8 +208,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Micro-benchmarks as ratios (cl_proxyfda/bench.py); markdown on stdout."""
-    from cl_proxyfda.bench import run_bench
+    """Micro-benchmarks as ratios (cl_proxyfda/tools/bench/); markdown on stdout."""
+    from cl_proxyfda.tools.bench import run_bench
 
     argv = ["cl-proxyfda bench"] + (["--quick"] if args.quick else []) + ([f"--sections {args.sections}"] if args.sections else [])
     argv += ([f"--model {args.model}"] if args.model else []) + ([f"--pretrained {args.pretrained}"] if args.pretrained else [])

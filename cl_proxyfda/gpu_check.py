@@ -4,7 +4,7 @@ Three phases, each reported with its wall time, written to ``gpu_check.md`` and
 ``gpu_check.json`` (atomically, after every phase, so a run cut short keeps what it did):
 
 1. ``steps``: CLIP step time and peak memory of naive, FDA, Proxy-FDA, LDIFS, ZSCL and
-   GIFT+AWC (the bench's presets and :func:`~cl_proxyfda.bench.measure_steps`), bf16
+   GIFT+AWC (the bench's presets and :func:`~cl_proxyfda.tools.bench.measure_steps`), bf16
    autocast; one strategy at a time so that ``torch.cuda.max_memory_allocated`` (reset
    before each) is that strategy's peak.
 2. ``rehearsal``: a 2-task MTIL run (EuroSAT, MNIST) through the real runner
@@ -12,7 +12,7 @@ Three phases, each reported with its wall time, written to ``gpu_check.md`` and
    half precision (``run.teacher_half``), on miniature torchvision-layout copies of the
    two datasets written by the command (:func:`write_mtil_miniature`).
 3. ``unet``: images per second of an SD-1.5-sized UNet in fp16
-   (:func:`~cl_proxyfda.bench.unet_images_per_second`).
+   (:func:`~cl_proxyfda.tools.bench.unet_images_per_second`).
 
 On CUDA the full sizes (ViT-B/16 with random weights, batch 64, SD-1.5 UNet) aim to
 finish within 8 minutes; ``tiny`` runs the same code with ``cl-test-tiny``, batch 8, a
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cl_proxyfda.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.results import atomic_write_text, to_jsonable
+from cl_proxyfda.tools.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
 
 TARGET_SECONDS = 480
 """The full-size check is meant to finish within 8 minutes on one CUDA device."""
@@ -206,7 +206,7 @@ def _peak_mb(device: torch.device) -> float | None:
 # ---------------------------------------------------------------------- phases
 def steps_phase(phase: Phase, ctx: BenchContext, sizes: CheckSizes, echo: Callable[[str], None]) -> None:
     device = ctx.device
-    presets, _ = strategy_presets(ctx, sizes.batch_size)
+    presets = strategy_presets(ctx, sizes.batch_size)
     by_label = {e.label: e for e in presets}
     missing = [label for _, label in STEP_STRATEGIES if label not in by_label]
     if missing:
@@ -329,7 +329,8 @@ def unet_phase(phase: Phase, sizes: CheckSizes, device: torch.device, echo: Call
     phase.setting = (
         f"{which}, random weights, {str(dtype).replace('torch.', '')}, batch {sizes.unet_batch}, {sizes.unet_steps} DPM-Solver steps with "
         f"classifier-free guidance (UNet on 2 x batch latents of {config['sample_size']}x{config['sample_size']}), {device.type}; "
-        "median of 3 generations after a 2-step warm-up (bench.unet_images_per_second); UNet and scheduler only."
+        "median generation of torch.utils.benchmark's Timer.blocked_autorange over 1 s after its warm-up call (bench.unet_images_per_second); "
+        "UNet and scheduler only."
     )
     phase.columns = ["images/s", "s per image", "peak GPU MB"]
     phase.rows.append([ips, 1 / ips, peak])

@@ -1,10 +1,16 @@
 """``cl-proxyfda bench``: output files, finite ratios, the machine line, bad section
-names, faiss/torch neighbour agreement, and the cached-teacher mode of the steps section."""
+names, faiss/torch neighbour agreement, the cached-teacher mode of the steps section, the
+presets read from the registry, the Timer-based timing helpers, and the package layout
+(each module imports on its own; the core does not import the tools)."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +20,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads make timings erratic
 
-from cl_proxyfda.bench import (  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from cl_proxyfda.registry import STRATEGIES, Registry  # noqa: E402
+from cl_proxyfda.tools.bench import (  # noqa: E402
     CACHE_CHECK_TOLERANCE,
+    OVERRIDES,
     QUICK,
+    SECTION_FUNCTIONS,
     SECTIONS,
     BenchContext,
     StepEntry,
+    Variant,
     machine_info,
     machine_line,
     measure_steps,
@@ -90,7 +102,7 @@ def test_unknown_section_is_a_clear_error_with_exit_2(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(UserError, match="no section named"):
         parse_sections(" , ")
-    assert parse_sections(None) == list(SECTIONS)
+    assert parse_sections(None) == list(SECTIONS) == list(SECTION_FUNCTIONS)
     assert parse_sections("knn,eval,knn") == ["knn", "eval"]
     assert main(["bench", "--quick", "--sections", "knn", "--repeats", "0"]) == 2
 
@@ -101,6 +113,18 @@ def test_gpu_section_says_why_it_is_skipped_on_cpu(tmp_path):
     assert report["sections"]["gpu"]["skipped"] == "no CUDA device"
     assert "skipped: no CUDA device" in (tmp_path / "bench.md").read_text()
 
+
+
+def test_generation_section_times_the_pipeline_and_the_cache_with_timer(tmp_path):
+    report = run_bench(quick=True, sections="generation", model="cl-test-tiny", echo=lambda msg: None)
+    sec = report["sections"]["generation"]
+    assert set(sec["ratios"]) == {"generation_batched_over_single_images_per_s", "cache_generation_over_hit"}
+    assert all(math.isfinite(v) and v > 0 for v in sec["ratios"].values())
+    assert len(sec["rows"]) == 4 and all(row[1] > 0 and row[2] > 0 for row in sec["rows"])
+    for row in sec["rows"]:  # images/s is the batch (or cache) size over the median time
+        n = QUICK.generation_batch if "pipeline" in row[0] or "calls of one" in row[0] else QUICK.cache_images
+        assert row[2] == pytest.approx(n / (row[1] / 1000), rel=1e-9)
+    assert "Timer.blocked_autorange" in sec["setting"]
 
 def test_cached_teacher_serves_exactly_what_the_forward_computes(tmp_path):
     ctx = BenchContext(QUICK, "cl-test-tiny", None, torch.device("cpu"), tmp_path, lambda msg: None)
@@ -126,8 +150,7 @@ def test_image_folder_fallback_stream_runs_the_data_hungry_presets(tmp_path):
     """Without the demo stream the bench writes its own image folders; the presets that need
     extra data (GIFT: the tiny diffusers pipeline; ZSCL, Infusing: a reference folder) run on it."""
     ctx = BenchContext(QUICK, "cl-test-tiny", None, torch.device("cpu"), tmp_path, lambda msg: None, stream="image_folder")
-    entries, skips = strategy_presets(ctx, QUICK.batch_size)
-    assert skips == [] or all("skipped:" in note for note in skips)
+    entries = strategy_presets(ctx, QUICK.batch_size)
     chosen = [e for e in entries if e.label in ("naive", "gift", "zscl", "infusing_generic")]
     assert len(chosen) == 4
     assert (tmp_path / "stream" / "warm" / "train" / "red").is_dir()
@@ -136,3 +159,121 @@ def test_image_folder_fallback_stream_runs_the_data_hungry_presets(tmp_path):
     assert [r.label for r in results] == [e.label for e in chosen]
     assert results[0].ratio == 1.0
     assert all(r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0 for r in results)
+
+
+# ---------------------------------------------------------------- presets
+def demo_ctx(tmp_path: Path) -> BenchContext:
+    return BenchContext(QUICK, "cl-test-tiny", None, torch.device("cpu"), tmp_path, lambda msg: None, stream="demo")
+
+
+def test_presets_give_every_registered_strategy_its_params_defaults_unless_overridden(tmp_path):
+    from cl_proxyfda.tools.bench.presets import MODEL_NEEDS, side_data_args
+
+    ctx = demo_ctx(tmp_path)
+    entries = strategy_presets(ctx, QUICK.batch_size)
+    registered = STRATEGIES.names()
+    assert entries[0].label == "naive" and entries[0].strategies == [{"name": "naive"}]
+    assert {e.strategies[-1]["name"] for e in entries} == set(registered)  # a row for every registered strategy
+    data = side_data_args(ctx, QUICK.batch_size)
+    assert set(OVERRIDES) | set(data) | set(MODEL_NEEDS) <= set(registered)  # the tables name registered strategies only
+    plain = [n for n in registered if n not in OVERRIDES and n not in data]
+    assert plain  # e.g. ewc, l2sp, lwf: one row, the Params defaults
+    for name in plain:
+        assert [(e.label, e.strategies) for e in entries if e.strategies[-1]["name"] == name] == [(name, [{"name": name}])]
+    labels = [e.label for e in entries]
+    assert len(labels) == len(set(labels))
+    # the bench's own rows (gpu-check looks them up by label)
+    by = {e.label: e for e in entries}
+    assert by["ldifs layers=embed"].strategies == [{"name": "ldifs", "layers": "embed"}]
+    assert by["fda, teacher from cache"].cached_teacher and not by["fda"].cached_teacher
+    assert [s["name"] for s in by["gift + awc"].strategies] == ["gift", "awc"]
+    assert by["gift + awc"].strategies[0] == by["gift"].strategies[0] == {"name": "gift", **data["gift"]}
+    coop = next(e for e in entries if e.label.startswith("coop (prompt learner, n_ctx "))
+    assert coop.model == by["coop + prompt_fda"].model == {"prompt_learner": {"n_ctx": 4}}  # cl-test-tiny: context 16
+    assert by["infusing"].strategies == [{"name": "infusing", "generic": {"source": "reference"}, "select": {"every": 10_000}}]
+
+
+def test_a_new_registered_strategy_gets_a_row_without_any_table_entry(tmp_path):
+    class ToyParams(BaseModel):
+        weight: float = 2.0
+
+    registry: Registry = Registry("strategy")
+    registry.register("naive", STRATEGIES.get("naive").params)(lambda params: None)
+    registry.register("toy", ToyParams)(lambda params: None)
+    entries = strategy_presets(demo_ctx(tmp_path), QUICK.batch_size, overrides={}, registry=registry, model_needs={})
+    assert [(e.label, e.strategies, e.cached_teacher, e.model) for e in entries] == [
+        ("naive", [{"name": "naive"}], False, {}), ("toy", [{"name": "toy"}], False, {})]
+    entries = strategy_presets(demo_ctx(tmp_path), QUICK.batch_size, overrides={"toy": (Variant(), Variant("toy light", {"weight": 0.5}))},
+                               registry=registry, model_needs={})
+    assert [(e.label, e.strategies) for e in entries][1:] == [("toy", [{"name": "toy"}]), ("toy light", [{"name": "toy", "weight": 0.5}])]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"warp": (Variant(),)}, r"OVERRIDES names 'warp', which is not a registered strategy"),
+    ({"awc": (Variant("gift + awc", after=("gfit",)),)}, r"OVERRIDES\['awc'\]\.after names 'gfit'"),
+    ({"ldifs": (Variant("ldifs layers=embed", {"layerz": "embed"}),)}, r"OVERRIDES\['ldifs'\] ldifs layers=embed: layerz: Extra inputs"),
+])
+def test_an_unregistered_name_or_a_bad_argument_in_the_overrides_is_an_error(tmp_path, bad, match):
+    with pytest.raises(RuntimeError, match=match):
+        strategy_presets(demo_ctx(tmp_path), QUICK.batch_size, overrides={**OVERRIDES, **bad})
+
+
+# ----------------------------------------------------------------- timing
+def test_timer_helpers_keep_the_thread_count_interleave_and_time_in_seconds():
+    from cl_proxyfda.tools.bench.timing import interleaved, seconds_per_call
+
+    seen_threads: list[int] = []
+    torch.set_num_threads(2)
+    try:
+        seconds = seconds_per_call(lambda: (seen_threads.append(torch.get_num_threads()), time.sleep(0.004)), 0.02)
+    finally:
+        torch.set_num_threads(1)
+    assert set(seen_threads) == {2}  # Timer's own default would be one thread
+    assert 0.004 <= seconds < 0.1  # a sleep never returns early; the upper bound allows a loaded machine
+    order: list[str] = []
+    afters: list[str] = []
+    jobs = [(key, lambda key=key: order.append(key)) for key in ("a", "b", "c")]
+    found = interleaved(jobs, rounds=3, min_run_time=1e-3, after=afters.append)
+    assert afters == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated by one each round
+    assert set(order) == {"a", "b", "c"} and all(m.median > 0 and len(m.times) >= 3 for m in found.values())
+    slow = interleaved([("sleep", lambda: time.sleep(0.003)), ("none", lambda: None)], rounds=2, min_run_time=0.01)
+    assert slow["sleep"].median >= 0.003 > slow["none"].median
+
+
+# ----------------------------------------------------------------- layout
+BENCH_MODULES = ["__init__", "awc", "cached_teacher", "context", "driver", "evaluation", "generation", "gpu", "knn", "presets", "report",
+                 "step_timer", "steps", "timing"]
+
+
+def test_every_bench_module_imports_first_in_a_fresh_interpreter():
+    """No import cycles: each module is the first of the package imported (the package's
+    modules are dropped from sys.modules between two; torch and Avalanche stay loaded)."""
+    root = Path(__file__).resolve().parents[1] / "cl_proxyfda" / "tools" / "bench"
+    assert sorted(p.stem for p in root.glob("*.py")) == BENCH_MODULES
+    code = (
+        "import importlib, sys\n"
+        f"for m in {BENCH_MODULES!r}:\n"
+        "    for k in [k for k in sys.modules if k.startswith('cl_proxyfda.tools')]:\n"
+        "        del sys.modules[k]\n"
+        "    importlib.import_module('cl_proxyfda.tools.bench' + ('' if m == '__init__' else '.' + m))\n"
+        "    print('ok', m)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [w for m in BENCH_MODULES for w in ("ok", m)]
+
+
+def test_the_core_does_not_import_the_tools():
+    """Only the CLI (inside ``cmd_bench``) and gpu-check (itself a tool) import cl_proxyfda.tools."""
+    root = Path(__file__).resolve().parents[1]
+    importers = set()
+    files = [p for p in (root / "cl_proxyfda").rglob("*.py") if "tools" not in p.relative_to(root / "cl_proxyfda").parts]
+    files += [p for d in ("strategies", "benchmarks", "generators") for p in (root / d).rglob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "cl_proxyfda.tools" or n.startswith("cl_proxyfda.tools.") for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"cl_proxyfda/cli.py", "cl_proxyfda/gpu_check.py"}

@@ -1,0 +1,1 @@
+"""Tools beside the core (the core never imports them): ``bench``."""
