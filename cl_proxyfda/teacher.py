@@ -16,6 +16,7 @@ config enforces). Requests for intermediate layers still run the teacher.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any, Iterable
 
 import torch
@@ -44,6 +45,7 @@ class TeacherBank:
         self.forward_count = 0
         self.served_count = 0  # batches served from a table
         self.table_mb = 0.0  # largest table held (MB)
+        self.table_seconds: list[float] = []  # time to compute each table
 
     def _freeze(self, model: nn.Module) -> nn.Module:
         model.eval()
@@ -80,6 +82,7 @@ class TeacherBank:
         key = (reference, int(strategy.experience.current_experience))
         if key not in self._tables:
             self._tables = {k: v for k, v in self._tables.items() if k[1] == key[1]}  # drop earlier experiences'
+            start = time.perf_counter()
             teacher = self.get(strategy.model, reference)
             param = next(teacher.parameters())
             loader = torch.utils.data.DataLoader(
@@ -91,6 +94,9 @@ class TeacherBank:
                 for batch in loader:
                     rows.append(teacher.encode_image(batch[0].to(param.device, param.dtype)).float())
             self._tables[key] = torch.cat(rows)
+            if self._tables[key].is_cuda:
+                torch.cuda.synchronize(self._tables[key].device)
+            self.table_seconds.append(time.perf_counter() - start)
             self.table_mb = max(self.table_mb, sum(t.numel() * t.element_size() for t in self._tables.values()) / 2**20)
         return self._tables[key]
 

@@ -10,7 +10,7 @@ Sections (``--sections``, default: all), one module each:
   to naive fine-tuning, through the real runner (``build_run``; the step timer of
   :mod:`.step_timer`, median after warm-up), with the share of the step spent in frozen
   teacher image forwards; presets from the registry (:mod:`.presets`); FDA and Proxy-FDA
-  also with the teacher features served from a per-experience cache (:mod:`.cached_teacher`).
+  also with the teacher features served from a per-experience table (``train.teacher_table``).
 - ``eval`` (:mod:`.evaluation`): zero-shot evaluation of every test set with the
   text-embedding cache versus without it; evaluation after an experience versus one
   image forward pass.
@@ -31,7 +31,6 @@ also written as ``bench.json`` and ``bench.md`` when ``out`` is given).
 """
 from __future__ import annotations
 
-from cl_proxyfda.tools.bench.cached_teacher import CACHE_CHECK_TOLERANCE, BatchIndexRecorder, IndexedTeacherBank, use_cached_teacher
 from cl_proxyfda.tools.bench.context import FULL, QUICK, SECTIONS, BenchContext, BenchSizes, parse_sections
 from cl_proxyfda.tools.bench.driver import SECTION_FUNCTIONS, default_model, run_bench
 from cl_proxyfda.tools.bench.gpu import SD15_UNET, unet_images_per_second
@@ -41,8 +40,8 @@ from cl_proxyfda.tools.bench.step_timer import StepEntry, StepResult, StepTimer,
 from cl_proxyfda.tools.bench.steps import fda_loss_seconds
 
 __all__ = [
-    "CACHE_CHECK_TOLERANCE", "FULL", "OVERRIDES", "QUICK", "SD15_UNET", "SECTIONS", "SECTION_FUNCTIONS", "BatchIndexRecorder", "BenchContext",
-    "BenchSizes", "IndexedTeacherBank", "Section", "StepEntry", "StepResult", "StepTimer", "Target", "Variant", "default_model",
+    "FULL", "OVERRIDES", "QUICK", "SD15_UNET", "SECTIONS", "SECTION_FUNCTIONS", "BenchContext",
+    "BenchSizes", "Section", "StepEntry", "StepResult", "StepTimer", "Target", "Variant", "default_model",
     "fda_loss_seconds", "machine_info", "machine_line", "measure_steps", "parse_sections", "run_bench", "strategy_presets",
-    "unet_images_per_second", "use_cached_teacher",
+    "unet_images_per_second",
 ]

@@ -114,7 +114,7 @@ class BenchContext:
 
     def run_config(self, strategies: list[dict[str, Any]], *, batch_size: int | None = None, precision: str = "fp32",
                    model: str | None = None, pretrained: str | None | bool = False, device: torch.device | None = None,
-                   name: str = "bench", model_extra: dict[str, Any] | None = None) -> Any:
+                   name: str = "bench", model_extra: dict[str, Any] | None = None, teacher_table: bool = False) -> Any:
         from cl_proxyfda.config import parse_config
 
         dev = device or self.device
@@ -124,7 +124,7 @@ class BenchContext:
                       **(model_extra or {})},
             "stream": self.stream_config(),
             "train": {"lr": 1e-5, "iterations": self.sizes.warmup + self.sizes.iterations, "batch_size": batch_size or self.sizes.batch_size,
-                      "augment": False, "schedule": "constant"},
+                      "augment": False, "schedule": "constant", "teacher_table": teacher_table},
             "strategies": strategies,
             "eval": {"batch_size": 256},
             "logging": {"wandb": {"mode": "disabled"}, "plots": False, "progress": False},

@@ -25,7 +25,7 @@ class Variant:
 
     label: str | None = None  # None: the registry name; ``{n_ctx}`` and other model-extra fields are filled in
     args: Mapping[str, Any] = field(default_factory=dict)  # over the strategy's Params defaults
-    cached_teacher: bool = False  # the pretrained teacher's embeddings served from a table (cached_teacher.py)
+    cached_teacher: bool = False  # the pretrained teacher's embeddings served from a table (train.teacher_table)
     after: tuple[str, ...] = ()  # registered strategies listed before it in the run (it needs them)
 
 

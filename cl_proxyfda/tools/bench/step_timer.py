@@ -21,7 +21,6 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from cl_proxyfda.teacher import TeacherBank
-from cl_proxyfda.tools.bench.cached_teacher import CACHE_CHECK_TOLERANCE, IndexedTeacherBank, use_cached_teacher
 from cl_proxyfda.tools.bench.context import BenchContext
 from cl_proxyfda.tools.bench.timing import gc_paused, sync
 
@@ -47,7 +46,7 @@ class StepResult:
     teacher_share: float
     minus_teacher: float
     count: int
-    bank: IndexedTeacherBank | None = None
+    bank: TeacherBank | None = None  # the run's teachers, for entries with train.teacher_table
     ratio: float | None = None
     ratio_minus_teacher: float | None = None
 
@@ -152,25 +151,22 @@ def measure_steps(ctx: BenchContext, entries: Sequence[StepEntry], *, batch_size
     s = ctx.sizes
     repeats = repeats or s.repeats
     notes: list[str] = []
-    built: list[tuple[StepEntry, Any, StepTimer, IndexedTeacherBank | None]] = []
+    built: list[tuple[StepEntry, Any, StepTimer]] = []
     for i, entry in enumerate(entries):
         try:
             cfg = ctx.run_config(entry.strategies, batch_size=batch_size, precision=entry.precision or precision, model=model,
-                                 pretrained=pretrained, device=dev, name=f"bench{i}", model_extra=entry.model)
+                                 pretrained=pretrained, device=dev, name=f"bench{i}", model_extra=entry.model, teacher_table=entry.cached_teacher)
             run = build_run(cfg)
             timer = StepTimer(run.device)
-            bank = use_cached_teacher(run) if entry.cached_teacher else None
             time_teacher_forwards(run.strategy.teachers, timer)
             timer.attach(run.strategy)
-            if bank is not None:
-                bank.verify = True
             run.strategy.iterations_for = lambda n: s.prime_iterations  # noqa: B023
             run.strategy.train(run.benchmark.train_stream[0])
-            if bank is not None:
-                bank.verify = False
-                if bank.served == 0 or bank.max_difference > CACHE_CHECK_TOLERANCE:
-                    raise RuntimeError(f"cache check failed: {bank.served} batches served, max |cached - forward| = {bank.max_difference:.2e}")
-            built.append((entry, run, timer, bank))
+            bank = run.strategy.teachers
+            if entry.cached_teacher and (bank.served_count == 0 or bank.forward_count > 0):
+                # train.teacher_table is tested for exactness in tests/test_teacher_table.py; here: that it was used
+                raise RuntimeError(f"teacher table unused: {bank.served_count} batches served, {bank.forward_count} teacher forwards")
+            built.append((entry, run, timer))
             ctx.echo(f"  built and primed {entry.label}")
         except Exception as exc:  # reported, never silent
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -185,7 +181,7 @@ def measure_steps(ctx: BenchContext, entries: Sequence[StepEntry], *, batch_size
         if paired and built:
             order = [0] + [k for i in order for k in (i, 0)]
         for i in order:
-            entry, run, timer, bank = built[i]
+            entry, run, timer = built[i]
             exp = run.benchmark.train_stream[min(1, len(run.benchmark.train_stream) - 1)]
             run.strategy.iterations_for = lambda n: s.warmup + s.iterations  # noqa: B023
             timer.new_call()
@@ -194,10 +190,11 @@ def measure_steps(ctx: BenchContext, entries: Sequence[StepEntry], *, batch_size
                 run.strategy.train(exp)
         ctx.echo(f"  repeat {r + 1}/{repeats} done")
     results = []
-    for i, (entry, run, timer, bank) in enumerate(built):
+    for i, (entry, run, timer) in enumerate(built):
         timed = timer.timed(s.warmup)
         steps = [t for t, _ in timed]
         teacher = [tt for _, tt in timed]
+        bank = run.strategy.teachers if entry.cached_teacher else None
         result = StepResult(
             entry.label, statistics.median(steps), statistics.fmean(steps), sum(teacher) / sum(steps),
             statistics.median([t - tt for t, tt in timed]), len(steps), bank,
@@ -205,8 +202,8 @@ def measure_steps(ctx: BenchContext, entries: Sequence[StepEntry], *, batch_size
         if paired and built:
             result.ratio, result.ratio_minus_teacher = _paired_ratios(i, log, built, s.warmup)
         results.append(result)
-        if bank is not None and bank.forwarded:
-            notes.append(f"{entry.label}: {bank.forwarded} teacher calls could not be served from the cache and ran a forward")
+        if bank is not None and bank.forward_count:
+            notes.append(f"{entry.label}: {bank.forward_count} teacher calls could not be served from the table and ran a forward")
     return results, notes
 
 

@@ -97,11 +97,11 @@ def steps_section(ctx: BenchContext) -> Section:
             f"step; no backbone): " + "; ".join(parts) + ". This cost does not grow with the backbone."
         )
     for r in results:
-        if r.bank is not None and r.bank.precompute_seconds:
-            pre = statistics.median(r.bank.precompute_seconds)
+        if r.bank is not None and r.bank.table_seconds:
+            pre = statistics.median(r.bank.table_seconds)
             section.notes.append(
-                f"{r.label}: the table of teacher embeddings is computed once per experience (eval transform, whole training set): "
-                f"{1000 * pre:.0f} ms = {pre / base.median:.1f} naive steps; cache check while priming: max |cached - forward| = {r.bank.max_difference:.1e}"
+                f"{r.label} (train.teacher_table): the table of teacher embeddings is computed once per experience (eval transform, "
+                f"whole training set): {1000 * pre:.0f} ms = {pre / base.median:.1f} naive steps"
             )
     section.notes += [
         "teacher fwd % = time in frozen-teacher image forwards during the step (TeacherBank's, and those GIFT and ZSCL run "
