@@ -124,11 +124,16 @@ class ProxyFDAParams(FDAParams):
     normalize_proxies: bool = Field(True, description="project proxies back onto the unit sphere [choice: true, new points, not averages]")
 
 
+@STRATEGIES.register("proxy_fda", help="Proxy-FDA: neighbourhood-preserving feature alignment with generated proxies")
 class ProxyFDAPlugin(CLPlugin):
     """Adds ``weight * L_FDA (+ proxies) + L_generator`` in ``before_backward``."""
 
-    def __init__(self, params: ProxyFDAParams | FDAParams) -> None:
-        super().__init__()
+    Params = ProxyFDAParams
+    params: ProxyFDAParams
+
+    def __init__(self, params: ProxyFDAParams | FDAParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
+        params = self.params
         if not isinstance(params, ProxyFDAParams):  # plain FDA options: proxies off
             params = ProxyFDAParams(**params.model_dump(), proxies=False)
         self.params = params
@@ -313,11 +318,8 @@ def _adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups)
 
 
-@STRATEGIES.register("proxy_fda", ProxyFDAParams, help="Proxy-FDA: neighbourhood-preserving feature alignment with generated proxies")
-def build_proxy_fda(params: ProxyFDAParams, **context: Any) -> ProxyFDAPlugin:
-    return ProxyFDAPlugin(params)
+@STRATEGIES.register("fda", help="FDA: neighbourhood-preserving feature alignment (Proxy-FDA without proxies)")
+class FDAPlugin(ProxyFDAPlugin):
+    """Proxy-FDA with proxies off (its options: ``FDAParams``)."""
 
-
-@STRATEGIES.register("fda", FDAParams, help="FDA: neighbourhood-preserving feature alignment (Proxy-FDA without proxies)")
-def build_fda(params: FDAParams, **context: Any) -> ProxyFDAPlugin:
-    return ProxyFDAPlugin(params)
+    Params = FDAParams

@@ -17,27 +17,27 @@ class WiSEFTParams(BaseModel):
     when: Literal["every_experience", "end"] = "every_experience"
 
 
+@STRATEGIES.register("wiseft", help="WiSE-FT: weight interpolation with the pre-trained model")
 class WiSEFTPlugin(CLPlugin):
     """After training an experience (or the last one), move the weights to the interpolation."""
 
+    Params = WiSEFTParams
     name = "wiseft"
 
-    def __init__(self, alpha: float = 0.5, when: str = "every_experience") -> None:
-        super().__init__()
-        self.alpha = alpha
-        self.when = when
+    def __init__(self, params: WiSEFTParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
         self.applied = 0
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         num_exps = getattr(strategy, "num_experiences", None)
         is_last = num_exps is not None and int(strategy.experience.current_experience) == num_exps - 1
-        if self.when == "end" and not is_last:
+        if self.params.when == "end" and not is_last:
             return
         initial = teacher_bank(strategy).initial_state
         if initial is None:
             raise RuntimeError("WiSE-FT needs the strategy's initial (pre-trained) weights")
         model = unwrap(strategy.model)
-        model.load_state_dict(interpolate_weights(initial, model.state_dict(), self.alpha))
+        model.load_state_dict(interpolate_weights(initial, model.state_dict(), self.params.alpha))
         model.text_changed()
         self.applied += 1
 
@@ -46,8 +46,3 @@ class WiSEFTPlugin(CLPlugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.applied = int(state.get("applied", 0))
-
-
-@STRATEGIES.register("wiseft", WiSEFTParams, help="WiSE-FT: weight interpolation with the pre-trained model")
-def build_wiseft(params: WiSEFTParams, **context: Any) -> WiSEFTPlugin:
-    return WiSEFTPlugin(params.alpha, params.when)
