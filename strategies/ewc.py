@@ -5,9 +5,8 @@ from typing import Any, Literal, Optional
 
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cl_proxyfda.errors import ConfigError
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.base import Configurable
 
@@ -17,6 +16,12 @@ class EWCParams(BaseModel):
     ewc_lambda: float = Field(100.0, ge=0)
     mode: Literal["separate", "online"] = "separate"
     decay_factor: Optional[float] = Field(None, ge=0, le=1, description="online mode only")
+
+    @model_validator(mode="after")
+    def _online_needs_decay(self) -> "EWCParams":
+        if self.mode == "online" and self.decay_factor is None:
+            raise ValueError("decay_factor: EWC online mode needs decay_factor")
+        return self
 
 
 @STRATEGIES.register("ewc", help="EWC (Avalanche's plugin): Fisher-weighted L2 to earlier solutions")
@@ -30,8 +35,6 @@ class EWC(Configurable, EWCPlugin):
     def __init__(self, params: EWCParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
         self._configure(params, run, kwargs)
         p = self.params
-        if p.mode == "online" and p.decay_factor is None:
-            raise ConfigError("strategies.decay_factor", "EWC online mode needs decay_factor")
         super().__init__(ewc_lambda=p.ewc_lambda, mode=p.mode, decay_factor=p.decay_factor)
         self.loss_terms: dict[str, float] = {}
 
