@@ -184,8 +184,12 @@ class StrategyEntry(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _parse(cls, data: Any, handler: Any) -> "StrategyEntry":
-        if not isinstance(data, dict):  # an entry already parsed, or pydantic's own type error
-            return handler(data)
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):  # the message of any {name: ..., args} component
+            raise ValidationError.from_exception_data(
+                cls.__name__, [{"type": "model_type", "loc": (), "input": data, "ctx": {"class_name": "NamedComponent"}}]
+            )
         if not isinstance(data.get("name"), str):
             name = {"name": data["name"]} if "name" in data else {}
             return handler({**name, "params": _Strict()})  # "required key is missing" / not a string
@@ -197,7 +201,13 @@ class StrategyEntry(BaseModel):
             raise ValidationError.from_exception_data(
                 cls.__name__, [{"type": "value_error", "loc": ("name",), "input": data, "ctx": {"error": ValueError(exc.args[0])}}]
             ) from None
-        return cls.of(data["name"], schema.model_validate(args))
+        try:
+            params = schema.model_validate(args)
+        except ValidationError as exc:  # the first problem of an entry, as for every component
+            err = exc.errors()[0]
+            first = {k: err[k] for k in ("type", "loc", "input", "ctx") if k in err}
+            raise ValidationError.from_exception_data(cls.__name__, [first]) from None  # type: ignore[list-item]
+        return cls.of(data["name"], params)
 
     @classmethod
     def of(cls, name: str, params: BaseModel | None = None) -> "StrategyEntry":
