@@ -480,7 +480,7 @@ class GenericDistillPlugin(CLPlugin):
             iteration one downstream and one generic batch, losses summed).
         generic_every: alternate mode: iteration k (0-based) is generic when
             ``(k + 1) % generic_every == 0``; 2 alternates 1:1.
-        batch_size: generic batch size.
+        batch_size: generic batch size (default: the run's, or the strategy's ``train_mb_size``).
         val_fraction: share of the generic set held out for model selection.
         limit: use a seeded subset of at most this many generic images.
         seed: seed of the subset, the split and the generic batch order.
@@ -516,7 +516,7 @@ class GenericDistillPlugin(CLPlugin):
         weight: float | None = None,
         mode: str = "alternate",
         generic_every: int = 2,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         val_fraction: float = 0.1,
         limit: int | None = None,
         seed: int = 0,
@@ -583,6 +583,8 @@ class GenericDistillPlugin(CLPlugin):
 
     # --------------------------------------------------------------- callbacks
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self.batch_size is None:  # joined a strategy by hand: its batch size
+            self.batch_size = self.context(strategy).train_batch_size
         source_criterion(strategy)
         if self.targets is None:
             self.compute_targets(strategy)

@@ -198,3 +198,22 @@ class _LossRecorder(SupervisedPlugin):
 
     def after_backward(self, strategy, **kwargs) -> None:
         self.out.append(self.plugin.loss_terms["ldifs"])
+
+
+def test_a_part_built_by_hand_takes_the_batch_size_of_the_strategy_it_joins(tiny_stream_root):
+    import numpy as np
+
+    from cl_proxyfda.benchmarks.stream import ArrayImageDataset
+    from cl_proxyfda.models import build_task_model
+    from cl_proxyfda.strategies.infusing import GenericDistillPlugin
+
+    stream = STREAMS.build("image_folder", {"root": str(tiny_stream_root)})
+    model, _, _ = build_task_model("cl-test-tiny", None, [t.vocabulary for t in stream.tasks])
+    images = ArrayImageDataset(np.random.default_rng(0).integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), [i % 3 for i in range(12)])
+    by_hand, fixed = GenericDistillPlugin(images), GenericDistillPlugin(images, batch_size=5)
+    assert by_hand.batch_size is None and by_hand.params.batch_size is None
+    strategy = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=6, evaluator=None)
+    by_hand.before_training(strategy)
+    fixed.before_training(strategy)
+    assert by_hand.batch_size == 6 and fixed.batch_size == 5
+    assert by_hand.targets is not None and by_hand.targets.shape[0] == len(by_hand.items)
