@@ -35,8 +35,8 @@ from cl_proxyfda.ledger import build_ledger, peak_rss_mb
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.probe import probe_row
 from cl_proxyfda.registry import STREAMS, load_builtin_components
-from cl_proxyfda.strategies.base import RunContext
 from cl_proxyfda.runfolder import FolderLock, check_output_folder, check_same_config, make_output_folder
+from cl_proxyfda.strategies.base import RunContext
 from cl_proxyfda.teacher import TeacherBank, unwrap
 from cl_proxyfda.training import CLStrategy
 
