@@ -166,11 +166,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cl_proxyfda.config import load_config
     from cl_proxyfda.registry import STREAMS
     from cl_proxyfda.runner import resolve_device
-    from cl_proxyfda.strategies.gift import GIFTParams, synthetic_spec_of
     from cl_proxyfda.synthetic import ensure_plan, plan_experience, stream_key
 
     cfg = load_config(args.config, args.set)
-    entries = [GIFTParams(**comp.args) for comp in cfg.strategies if comp.name == "gift"]
+    entries = [entry.params for entry in cfg.strategies if entry.name == "gift"]
     if not entries:
         raise UserError(f"{args.config}: no gift strategy in the run file, nothing to generate")
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
@@ -191,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     key = stream_key(cfg.stream.name, cfg.stream.args)
     totals = {"generated": 0, "reused": 0, "dropped": 0}
     for params in entries:
-        spec = synthetic_spec_of(params, cfg)
+        spec = params.spec(cfg.run.output_dir)
         generator = spec.build_generator(device)
         for i in chosen:
             plan = plan_experience(spec, stream, key, i, generator)

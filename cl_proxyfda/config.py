@@ -2,7 +2,8 @@
 
 Every error is one line naming the key path, e.g. ``train.lr: must be > 0 (got -1)``.
 Strategy and stream arguments are validated against the schema their registry entry
-declares, so ``strategies[1].k`` errors name the plugin's own keys.
+declares, so ``strategies[1].k`` errors name the plugin's own keys. Strategies are parsed
+once, into their plugin's typed ``Params`` (``cfg.strategies[i].params``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from cl_proxyfda.adapters import AdapterConfig
 from cl_proxyfda.errors import ConfigError
@@ -203,12 +204,69 @@ class NamedComponent(BaseModel):
         return dict(self.model_extra or {})
 
 
+class StrategyEntry(BaseModel):
+    """One ``strategies`` item, ``{name: ..., **args}`` in YAML: the registry name and
+    the arguments parsed into the plugin's ``Params`` (errors name ``strategies[i].key``)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+    name: str
+    params: BaseModel
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _parse(cls, data: Any, handler: Any) -> "StrategyEntry":
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):  # the message of any {name: ..., args} component
+            raise ValidationError.from_exception_data(
+                cls.__name__, [{"type": "model_type", "loc": (), "input": data, "ctx": {"class_name": "NamedComponent"}}]
+            )
+        if not isinstance(data.get("name"), str):
+            name = {"name": data["name"]} if "name" in data else {}
+            return handler({**name, "params": _Strict()})  # "required key is missing" / not a string
+        load_builtin_components()
+        args = {k: v for k, v in data.items() if k != "name"}
+        try:
+            schema = STRATEGIES.get(data["name"]).params
+        except KeyError as exc:
+            raise ValidationError.from_exception_data(
+                cls.__name__, [{"type": "value_error", "loc": ("name",), "input": data, "ctx": {"error": ValueError(exc.args[0])}}]
+            ) from None
+        try:
+            params = schema.model_validate(args)
+        except ValidationError as exc:  # the first problem of an entry, as for every component
+            err = exc.errors()[0]
+            first = {k: err[k] for k in ("type", "loc", "input", "ctx") if k in err}
+            raise ValidationError.from_exception_data(cls.__name__, [first]) from None  # type: ignore[list-item]
+        return cls.of(data["name"], params)
+
+    @classmethod
+    def of(cls, name: str, params: BaseModel | None = None) -> "StrategyEntry":
+        """An entry from parsed params (default: the plugin's defaults)."""
+        load_builtin_components()
+        return cls.model_construct(name=name, params=params if params is not None else STRATEGIES.get(name).params())
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The arguments the run file gave (defaults left out)."""
+        return self.params.model_dump(exclude_unset=True)
+
+    @property
+    def plugin(self) -> Any:
+        """The registered plugin class."""
+        return STRATEGIES.get(self.name).factory
+
+    @model_serializer(mode="plain")
+    def _flat(self, info: Any) -> dict[str, Any]:
+        return {"name": self.name, **self.params.model_dump(mode=info.mode)}
+
+
 class RunConfig(_Strict):
     run: RunSection = RunSection()
     model: ModelSection
     stream: NamedComponent
     train: TrainSection = TrainSection()
-    strategies: list[NamedComponent] = Field(default_factory=lambda: [NamedComponent(name="naive")])
+    strategies: list[StrategyEntry] = Field(default_factory=lambda: [StrategyEntry.of("naive")])
     eval: EvalSection = EvalSection()
     logging: LoggingSection = LoggingSection()
     checkpoint: CheckpointSection = CheckpointSection()
@@ -244,11 +302,8 @@ class RunConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """The resolved config: every section, stream and strategy with defaults filled in."""
         load_builtin_components()
-        data = self.model_dump(mode="json")
-        data["stream"] = {"name": self.stream.name, **STREAMS.get(self.stream.name).params(**self.stream.args).model_dump(mode="json")}
-        data["strategies"] = [
-            {"name": s.name, **STRATEGIES.get(s.name).params(**s.args).model_dump(mode="json")} for s in self.strategies
-        ]
+        data = self.model_dump(mode="json")  # strategies dump their typed params
+        data["stream"] = {"name": self.stream.name, **stream_params(self.stream).model_dump(mode="json")}
         return data
 
 
@@ -449,26 +504,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _validate_component(kind_registry: Any, comp: NamedComponent, path: str, cfg: "RunConfig | None" = None) -> None:
-    """Validate a component's arguments; params may define ``check_run(cfg)`` for
-    constraints against the rest of the run (it raises ``ValueError("key: problem")``)."""
+def _validate_stream(comp: NamedComponent) -> None:
+    """Validate the stream's arguments against its registry entry."""
     try:
-        entry = kind_registry.get(comp.name)
+        entry = STREAMS.get(comp.name)
     except KeyError as exc:
-        raise ConfigError(f"{path}.name", str(exc.args[0])) from None
+        raise ConfigError("stream.name", str(exc.args[0])) from None
     try:
-        params = entry.params(**comp.args)
+        entry.params(**comp.args)
     except ValidationError as exc:
-        raise first_error(exc, path) from None
+        raise first_error(exc, "stream") from None
     except TypeError as exc:
-        raise ConfigError(path, str(exc)) from None
-    check = getattr(params, "check_run", None)
-    if cfg is not None and callable(check):
+        raise ConfigError("stream", str(exc)) from None
+
+
+def _check_strategy(entry: StrategyEntry, path: str, cfg: "RunConfig") -> None:
+    """A plugin's constraints against the rest of the run: its params may define
+    ``check_run(cfg)``, raising ``ValueError("key: problem")`` (key empty: the entry)."""
+    check = getattr(entry.params, "check_run", None)
+    if callable(check):
         try:
             check(cfg)
         except ValueError as exc:
             key, _, problem = str(exc).partition(": ")
-            raise ConfigError(f"{path}.{key}", problem) from None
+            raise ConfigError(f"{path}.{key}" if key else path, problem) from None
 
 
 def check_numbers(data: Any, path: str = "") -> None:
@@ -516,9 +575,12 @@ def config_problems(data: dict[str, Any]) -> list[ConfigError]:
     except TypeError as exc:  # keys that are not strings
         return [ConfigError("", f"invalid section keys: {exc}")]
     problems = []
-    for kind, comp, path in [(STREAMS, cfg.stream, "stream")] + [(STRATEGIES, c, f"strategies[{i}]") for i, c in enumerate(cfg.strategies)]:
+    checks = [lambda: _validate_stream(cfg.stream)] + [
+        lambda e=e, i=i: _check_strategy(e, f"strategies[{i}]", cfg) for i, e in enumerate(cfg.strategies)
+    ]
+    for check in checks:
         try:
-            _validate_component(kind, comp, path, cfg)
+            check()
         except ConfigError as exc:
             problems.append(exc)
     try:
@@ -559,10 +621,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if overrides:
         data = apply_overrides(data, overrides)
     return parse_config(data)
-
-
-def strategy_params(comp: NamedComponent) -> BaseModel:
-    return STRATEGIES.get(comp.name).params(**comp.args)
 
 
 def stream_params(comp: NamedComponent) -> BaseModel:

@@ -66,13 +66,11 @@ def model_need(cfg: RunConfig) -> Need:
 
 def _pipeline_needs(cfg: RunConfig) -> list[Need]:
     from cl_proxyfda.generators.diffusers_backend import DiffusersParams
-    from cl_proxyfda.registry import STRATEGIES
-
     needs = []
-    for i, comp in enumerate(cfg.strategies):
-        if comp.name != "gift":
+    for i, entry in enumerate(cfg.strategies):
+        if entry.name != "gift":
             continue
-        choice = STRATEGIES.get("gift").params(**comp.args).generator
+        choice = entry.params.generator
         if choice.name != "diffusers":
             needs.append(Need(f"strategies[{i}] gift generator {choice.name}", note="built in, nothing to download"))
             continue

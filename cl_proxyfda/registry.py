@@ -1,5 +1,9 @@
 """One registry per kind of component: names in YAML map to classes here.
 
+Strategies register their plugin class, which declares its options as ``Params`` and
+is built with ``Plugin.from_params(params, run=context)``; streams and generators
+register a factory ``factory(params, **context)`` with its params type.
+
 Config strings are only ever looked up in these dictionaries; they never reach
 ``eval`` or import machinery.
 """
@@ -15,7 +19,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """A registered component: its constructor and the schema of its arguments."""
+    """A registered component: its class or factory and the schema of its arguments."""
 
     name: str
     factory: Callable[..., T]
@@ -30,14 +34,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, params: type[BaseModel], help: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """Decorator: register ``factory`` under ``name`` with argument schema ``params``."""
+    def register(self, name: str, params: type[BaseModel] | None = None, help: str = "") -> Callable[[Any], Any]:
+        """Decorator: register ``factory`` (a function or a class) under ``name``; the
+        argument schema is ``params``, by default the class's own ``Params``."""
 
-        def wrap(factory: Callable[..., T]) -> Callable[..., T]:
+        def wrap(factory: Any) -> Any:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            schema = params if params is not None else getattr(factory, "Params", None)
+            if schema is None:
+                raise ValueError(f"{self.kind} {name!r} declares no Params type")
             doc = help or (factory.__doc__ or "").strip().splitlines()[0:1]
-            self._entries[name] = Entry(name, factory, params, doc if isinstance(doc, str) else (doc[0] if doc else ""))
+            self._entries[name] = Entry(name, factory, schema, doc if isinstance(doc, str) else (doc[0] if doc else ""))
             return factory
 
         return wrap
@@ -57,9 +65,13 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def build(self, name: str, args: dict[str, Any] | BaseModel, **context: Any) -> T:
-        """Validate ``args`` against the schema and call the factory."""
+        """Validate ``args`` against the schema (unless already parsed) and build: a
+        class with ``from_params`` gets ``from_params(params, **context)``."""
         entry = self.get(name)
         params = args if isinstance(args, BaseModel) else entry.params(**args)
+        from_params = getattr(entry.factory, "from_params", None)
+        if from_params is not None:
+            return from_params(params, **context)
         return entry.factory(params, **context)
 
 

@@ -34,8 +34,9 @@ from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.ledger import build_ledger, peak_rss_mb
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.probe import probe_row
-from cl_proxyfda.registry import STRATEGIES, STREAMS, load_builtin_components
+from cl_proxyfda.registry import STREAMS, load_builtin_components
 from cl_proxyfda.runfolder import FolderLock, check_output_folder, check_same_config, make_output_folder
+from cl_proxyfda.strategies.base import RunContext
 from cl_proxyfda.teacher import TeacherBank, unwrap
 from cl_proxyfda.training import CLStrategy
 
@@ -191,9 +192,26 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         attach_prompt_learner(model, cfg.model.prompt_learner)
     initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    run_context = RunContext(
+        task_names=tuple(t.name for t in tasks),
+        classnames=tuple(tuple(t.classnames) for t in tasks),
+        stream=stream,
+        stream_name=cfg.stream.name,
+        stream_args=cfg.stream.args,
+        seed=cfg.run.seed,
+        workers=cfg.train.workers,
+        train_batch_size=cfg.train.batch_size,
+        eval_batch_size=cfg.eval.batch_size,
+        augment=cfg.train.augment,
+        output_dir=cfg.run.output_dir,
+        progress=cfg.logging.progress,
+        rank=ctx.rank,
+        world=ctx.world,
+        device=str(device),
+    )
     plugins = []
-    for i, comp in enumerate(cfg.strategies):
-        plugin = STRATEGIES.build(comp.name, comp.args, stream=stream, config=cfg, index=i)
+    for entry in cfg.strategies:
+        plugin = entry.plugin.from_params(entry.params, run_context)
         plugins.append(plugin)
         layers = getattr(plugin, "needs_layers", ())
         if layers:

@@ -35,17 +35,16 @@ def snapshot_anchor(strategy: Any, anchor: Anchor) -> dict[str, Tensor]:
 class AnchoredPenaltyPlugin(CLPlugin):
     """Adds ``weight * penalty(trainable parameters, anchors)`` to every batch's loss.
 
-    Subclasses set ``term`` (the loss-term name) and ``penalty`` (a pure function of the
-    named parameters and the anchor tensors). The anchor is taken at the first
-    experience (``pretrained``) or at the start of each (``previous``).
+    Subclasses set ``Params`` (with ``weight`` and ``anchor``), ``term`` (the loss-term
+    name) and ``penalty`` (a pure function of the named parameters and the anchor
+    tensors). The anchor is taken at the first experience (``pretrained``) or at the
+    start of each (``previous``).
     """
 
     term = "penalty"
 
-    def __init__(self, weight: float, anchor: str = "pretrained") -> None:
-        super().__init__()
-        self.weight = weight
-        self.anchor = anchor
+    def __init__(self, params: Any = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
         self.anchors: dict[str, Tensor] | None = None
 
     @staticmethod
@@ -53,15 +52,15 @@ class AnchoredPenaltyPlugin(CLPlugin):
         raise NotImplementedError
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.anchors is None or self.anchor == "previous":
-            self.anchors = snapshot_anchor(strategy, self.anchor)  # type: ignore[arg-type]
+        if self.anchors is None or self.params.anchor == "previous":
+            self.anchors = snapshot_anchor(strategy, self.params.anchor)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.weight == 0 or not self.anchors:
+        if self.params.weight == 0 or not self.anchors:
             return
         loss = self.penalty(trainable_named_parameters(strategy), self.anchors)
         self.loss_terms[self.term] = float(loss.detach())
-        strategy.loss = strategy.loss + self.weight * loss
+        strategy.loss = strategy.loss + self.params.weight * loss
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchors": self.anchors}

@@ -132,14 +132,16 @@ class AWCParams(BaseModel):
     follow_gift_doubling: bool = Field(True, description="multiply weight by 2 when gift has paper_doubled_weights: true")
 
 
+@STRATEGIES.register("awc", help="AWC: importance-weighted L2 to start-of-experience weights, importance from synthetic losses")
 class AWCPlugin(CLPlugin):
     """Adds ``weight * sum F (theta - theta_prev)^2`` with F from the synthetic losses' gradient."""
 
+    Params = AWCParams
     name = "awc"
+    params: AWCParams
 
-    def __init__(self, params: AWCParams | None = None) -> None:
-        super().__init__()
-        self.params = params or AWCParams()
+    def __init__(self, params: AWCParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
         self.tracker = ImportanceTracker(self.params.mode, self.params.static_iterations)
         self.anchor: dict[str, Tensor] | None = None
         self._pending: list[tuple[Tensor, Tensor]] = []
@@ -252,7 +254,3 @@ def _all_reduce_mean(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, .
         out.append(g)
     return tuple(out)
 
-
-@STRATEGIES.register("awc", AWCParams, help="AWC: importance-weighted L2 to start-of-experience weights, importance from synthetic losses")
-def build_awc(params: AWCParams, **context: Any) -> AWCPlugin:
-    return AWCPlugin(params)

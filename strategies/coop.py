@@ -37,18 +37,18 @@ place of images*. Per training iteration:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from cl_proxyfda.errors import ConfigError, UserError
+from cl_proxyfda.errors import UserError
 from cl_proxyfda.losses.fda import ProxyGenerator, graph_mask, knn_graph
 from cl_proxyfda.prompt_learner import PromptLearner, prompt_learner_of
 from cl_proxyfda.registry import STRATEGIES
-from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.strategies.fda_head import FDAHead, FDALossParams, ProxyOptions
 from cl_proxyfda.teacher import teacher_bank, unwrap
 
@@ -86,15 +86,27 @@ def graph_mismatch(z: Tensor, zh: Tensor, k: int) -> float:
 
 
 # ------------------------------------------------------------------------- params
-class CoOpParams(BaseModel):
+class _NeedsPromptLearner(BaseModel):
+    """Options of a plugin that trains the prompt context: the run needs ``model.prompt_learner``."""
+
+    plugin: ClassVar[str] = "coop"
+
+    def check_run(self, cfg: Any) -> None:
+        if cfg.model.prompt_learner is None:  # ": " first: the error names the strategy entry itself
+            raise ValueError(f": {self.plugin} needs a prompt learner: set model.prompt_learner (e.g. {{n_ctx: 16}})")
+
+
+class CoOpParams(_NeedsPromptLearner):
     """``coop`` takes no options (prompt options live in ``model.prompt_learner``)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class PromptFDAParams(ProxyOptions, FDALossParams):
+class PromptFDAParams(_NeedsPromptLearner, ProxyOptions, FDALossParams):
     """Options of Proxy-FDA on class text embeddings (``prompt_fda``): the FDA loss's and
     the proxies' (the same head and defaults as ``proxy_fda``) plus the anchor set's."""
+
+    plugin: ClassVar[str] = "prompt_fda"
 
     min_anchors: int = Field(
         64, ge=0, description="fill the anchor set up to this many nodes with base concepts (shared context only; 0: task classes only)"
@@ -187,9 +199,11 @@ class PromptFDA(nn.Module):
 
 
 # ------------------------------------------------------------------------ plugins
+@STRATEGIES.register("coop", help="CoOp: few-shot prompt tuning (needs model.prompt_learner)")
 class CoOpPlugin(CLPlugin):
     """Marks a prompt-tuning run: checks that only the prompt context trains."""
 
+    Params = CoOpParams
     name = "coop"
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
@@ -200,15 +214,22 @@ class CoOpPlugin(CLPlugin):
             raise UserError(f"coop: only the prompt context may train, but {len(stray)} other tensors are trainable (e.g. {stray[0]})")
 
 
+@STRATEGIES.register("prompt_fda", help="Proxy-FDA on class text embeddings of learned prompts")
 class PromptFDAPlugin(CLPlugin):
-    """Adds ``weight * L_FDA (+ proxies) + L_generator`` over class embeddings (see module doc)."""
+    """Adds ``weight * L_FDA (+ proxies) + L_generator`` over class embeddings (see module doc).
 
-    def __init__(self, params: PromptFDAParams, base_concepts: Sequence[str] = ()) -> None:
-        super().__init__()
-        self.params = params
+    The extra anchors are the base concepts of ``run.stream`` (none without a run).
+    """
+
+    Params = PromptFDAParams
+    params: PromptFDAParams
+
+    def __init__(self, params: PromptFDAParams | None = None, /, *, run: RunContext | None = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
         self.name = "prompt_fda"
+        base_concepts: Sequence[str] = getattr(self.context().stream, "base_concepts", ()) or ()
         self.base_concepts = list(dict.fromkeys(base_concepts))
-        self.core = PromptFDA(params)
+        self.core = PromptFDA(self.params)
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.checkpoint_state()
@@ -248,24 +269,3 @@ class PromptFDAPlugin(CLPlugin):
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         self.core.step()
-
-
-def _require_prompt_learner(name: str, context: dict[str, Any]) -> None:
-    config = context.get("config")
-    if config is not None and getattr(config.model, "prompt_learner", None) is None:
-        index = context.get("index")
-        path = f"strategies[{index}]" if index is not None else name
-        raise ConfigError(path, f"{name} needs a prompt learner: set model.prompt_learner (e.g. {{n_ctx: 16}})")
-
-
-@STRATEGIES.register("coop", CoOpParams, help="CoOp: few-shot prompt tuning (needs model.prompt_learner)")
-def build_coop(params: CoOpParams, **context: Any) -> CoOpPlugin:
-    _require_prompt_learner("coop", context)
-    return CoOpPlugin()
-
-
-@STRATEGIES.register("prompt_fda", PromptFDAParams, help="Proxy-FDA on class text embeddings of learned prompts")
-def build_prompt_fda(params: PromptFDAParams, **context: Any) -> PromptFDAPlugin:
-    _require_prompt_learner("prompt_fda", context)
-    stream = context.get("stream")
-    return PromptFDAPlugin(params, getattr(stream, "base_concepts", ()) or ())

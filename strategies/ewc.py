@@ -5,9 +5,10 @@ from typing import Any, Literal, Optional
 
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.base import Configurable
 
 
 class EWCParams(BaseModel):
@@ -16,15 +17,25 @@ class EWCParams(BaseModel):
     mode: Literal["separate", "online"] = "separate"
     decay_factor: Optional[float] = Field(None, ge=0, le=1, description="online mode only")
 
+    @model_validator(mode="after")
+    def _online_needs_decay(self) -> "EWCParams":
+        if self.mode == "online" and self.decay_factor is None:
+            raise ValueError("decay_factor: EWC online mode needs decay_factor")
+        return self
 
-class EWC(EWCPlugin):
+
+@STRATEGIES.register("ewc", help="EWC (Avalanche's plugin): Fisher-weighted L2 to earlier solutions")
+class EWC(Configurable, EWCPlugin):
     """Avalanche's EWC (Fisher importance computed at the end of each experience)."""
 
+    Params = EWCParams
     name = "ewc"
     needs_layers: tuple[str, ...] = ()
 
-    def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None) -> None:
-        super().__init__(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)
+    def __init__(self, params: EWCParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        self._configure(params, run, kwargs)
+        p = self.params
+        super().__init__(ewc_lambda=p.ewc_lambda, mode=p.mode, decay_factor=p.decay_factor)
         self.loss_terms: dict[str, float] = {}
 
     @staticmethod
@@ -43,12 +54,3 @@ class EWC(EWCPlugin):
         self.importances.clear()
         self.saved_params.update(self._restore(state.get("saved_params", {})))
         self.importances.update(self._restore(state.get("importances", {})))
-
-
-@STRATEGIES.register("ewc", EWCParams, help="EWC (Avalanche's plugin): Fisher-weighted L2 to earlier solutions")
-def build_ewc(params: EWCParams, **context: Any) -> EWC:
-    if params.mode == "online" and params.decay_factor is None:
-        from cl_proxyfda.errors import ConfigError
-
-        raise ConfigError("strategies.decay_factor", "EWC online mode needs decay_factor")
-    return EWC(params.ewc_lambda, params.mode, params.decay_factor)

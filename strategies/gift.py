@@ -38,7 +38,7 @@ from cl_proxyfda.losses.gift import (
 )
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.awc import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
-from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     BaseConcepts,
     BatchPlan,
@@ -131,21 +131,29 @@ class GIFTParams(BaseModel):
         )
 
 
+@STRATEGIES.register("gift", help="GIFT: distillation on generated image-text pairs from the previous model")
 class GIFTPlugin(CLPlugin):
-    """Adds ``kd_weight * L_KD + ita_weight * L_ITA`` on a synthetic batch per iteration."""
+    """Adds ``kd_weight * L_KD + ita_weight * L_ITA`` on a synthetic batch per iteration.
 
+    Needs the stream (its tasks name the synthetic prompts): ``run=RunContext(stream=...)``.
+    """
+
+    Params = GIFTParams
     name = "gift"
+    params: GIFTParams
 
-    def __init__(self, params: GIFTParams, stream: Any, stream_name: str = "stream", stream_args: dict[str, Any] | None = None,
-                 output_dir: str = "runs", run_seed: int = 0, workers: int = 0, progress: bool = True) -> None:
-        super().__init__()
-        self.params = params
-        self.stream = stream
-        self.key = stream_key(stream_name, stream_args or {})
-        self.spec = params.spec(output_dir)
-        self.run_seed = run_seed
-        self.workers = workers
-        self.progress = progress
+    def __init__(self, params: GIFTParams | None = None, /, *, run: RunContext | None = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
+        ctx = self.context()
+        if ctx.stream is None:
+            raise UserError("gift: the strategy needs the stream (build it through the runner)")
+        params = self.params
+        self.stream = ctx.stream
+        self.key = stream_key(ctx.stream_name, dict(ctx.stream_args))
+        self.spec = params.spec(ctx.output_dir)
+        self.run_seed = ctx.seed
+        self.workers = ctx.workers
+        self.progress = ctx.progress
         scale = 2.0 if params.paper_doubled_weights else 1.0
         self.kd_weight = params.kd_weight * scale
         self.ita_weight = params.ita_weight * scale
@@ -292,25 +300,3 @@ class GIFTPlugin(CLPlugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experiences_prepared = int(state.get("experiences_prepared", 0))
 
-
-def synthetic_spec_of(params: GIFTParams, config: Any) -> SyntheticSpec:
-    """The spec of a gift entry of a run config (used by ``cl-proxyfda generate``)."""
-    return params.spec(config.run.output_dir)
-
-
-@STRATEGIES.register("gift", GIFTParams, help="GIFT: distillation on generated image-text pairs from the previous model")
-def build_gift(params: GIFTParams, stream: Any = None, config: Any = None, **context: Any) -> GIFTPlugin:
-    if stream is None:
-        raise UserError("gift: the strategy needs the stream (build it through the runner)")
-    if config is None:
-        return GIFTPlugin(params, stream)
-    return GIFTPlugin(
-        params,
-        stream,
-        stream_name=config.stream.name,
-        stream_args=config.stream.args,
-        output_dir=config.run.output_dir,
-        run_seed=config.run.seed,
-        workers=config.train.workers,
-        progress=config.logging.progress,
-    )

@@ -68,11 +68,60 @@ from cl_proxyfda.losses.infusing import (
 )
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import AnchoredPenaltyPlugin, trainable_named_parameters
-from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.teacher import student_outputs, teacher_bank, unwrap
 from cl_proxyfda.benchmarks.samplers import RandomBatchSampler
 
 SOURCES = ("downstream", "generic")
+
+
+# --------------------------------------------------------------------- configs
+class HeadParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    init: Literal["text", "random"] = Field("text", description="[choice] cosine head from the class-prompt text embeddings, or random (paper)")
+    scale: float = Field(16.0, gt=0, description="cosine-classifier logit scale")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the head's parameter group")
+    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay of the head group")
+    record_accuracy: bool = Field(True, description="measure the cosine-head test accuracy of each trained task")
+
+
+class GenericParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    source: Literal["reference", "control", "folder"] = Field("reference", description="generic images: the stream's reference images, its control test set, or a folder")
+    root: str | None = Field(None, description="source folder: images under root, labelled by parent folder")
+    weight: float | Literal["auto"] = Field("auto", description="lambda_d; auto = 1000 * D / 768")
+    mode: Literal["alternate", "joint"] = Field("alternate", description="one source per batch (paper) or both every iteration")
+    generic_every: int = Field(2, ge=2, le=10_000_000, description="alternate: iteration k is generic when (k + 1) % generic_every == 0")
+    batch_size: int | None = Field(None, gt=0, le=65536, description="generic batch size (default train.batch_size)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="generic images held out for model selection")
+    limit: int | None = Field(None, gt=0, description="use at most this many generic images (seeded)")
+
+
+class L2Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    weight: float = Field(1e4, ge=0, description="lambda_w of sum over tensors of mean((theta - theta_0)^2)")
+    anchor: Literal["pretrained", "previous"] = "pretrained"
+
+
+class SelectParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    every: int = Field(50, ge=1, le=10_000_000, description="evaluate every this many optimizer steps (and after the last)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="class-stratified share of each task's training data held out")
+    generic_score: Literal["auto", "knn", "alignment"] = Field(
+        "auto", description="generic validation score: k-NN accuracy, mean cosine to the pre-trained embeddings, or auto (knn with 2+ labels)"
+    )
+    knn_k: int = Field(10, ge=1, le=65536)
+    include_start: bool = Field(False, description="also score the start-of-experience weights")
+    cache_mb: float = Field(512.0, ge=0, description="keep preprocessed validation inputs in memory up to this size")
+
+
+class InfusingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    head: HeadParams | None = Field(default_factory=HeadParams, description="null: keep the zero-shot text-head loss")
+    generic: GenericParams | None = Field(default_factory=GenericParams, description="null: no generic batches")
+    l2: L2Params | None = Field(default_factory=L2Params, description="null: no weight regulariser")
+    select: SelectParams | None = Field(default_factory=SelectParams, description="null: keep the last iterate")
+    vision_only: bool = Field(True, description="refuse a trainable text tower")
 
 
 # --------------------------------------------------------------------- shared helpers
@@ -295,7 +344,25 @@ class CosineHeadPlugin(CLPlugin):
         eval_batch_size: batch size of that evaluation.
     """
 
+    Params = HeadParams
     name = "infusing_head"
+
+    @classmethod
+    def from_params(cls, params: HeadParams, run: RunContext | None = None) -> "CosineHeadPlugin":
+        ctx = run or RunContext()
+        tasks = list(ctx.stream.tasks) if ctx.stream is not None else None
+        plugin = cls(
+            scale=params.scale,
+            init=params.init,
+            lr=params.lr,
+            weight_decay=params.weight_decay,
+            seed=ctx.seed,
+            test_sets=[t.test for t in tasks] if (tasks and params.record_accuracy) else None,
+            task_names=[t.name for t in tasks] if tasks else None,
+            eval_batch_size=ctx.eval_batch_size,
+        )
+        plugin.params, plugin.run = params, run
+        return plugin
 
     def __init__(
         self,
@@ -308,9 +375,9 @@ class CosineHeadPlugin(CLPlugin):
         task_names: Sequence[str] | None = None,
         eval_batch_size: int = 256,
     ) -> None:
-        super().__init__()
         if init not in ("text", "random"):
             raise ValueError(f"init must be 'text' or 'random', got {init!r}")
+        super().__init__(HeadParams(init=init, scale=scale, lr=lr, weight_decay=weight_decay, record_accuracy=test_sets is not None))
         self.scale, self.init, self.lr, self.weight_decay, self.seed = scale, init, lr, weight_decay, seed
         self.test_sets = list(test_sets) if test_sets is not None else None
         self.task_names = list(task_names) if task_names is not None else None
@@ -413,7 +480,7 @@ class GenericDistillPlugin(CLPlugin):
             iteration one downstream and one generic batch, losses summed).
         generic_every: alternate mode: iteration k (0-based) is generic when
             ``(k + 1) % generic_every == 0``; 2 alternates 1:1.
-        batch_size: generic batch size.
+        batch_size: generic batch size (default: the run's, or the strategy's ``train_mb_size``).
         val_fraction: share of the generic set held out for model selection.
         limit: use a seeded subset of at most this many generic images.
         seed: seed of the subset, the split and the generic batch order.
@@ -421,7 +488,27 @@ class GenericDistillPlugin(CLPlugin):
         augment: generic training batches use the model's train transform (else eval).
     """
 
+    Params = GenericParams
     name = "infusing_generic"
+
+    @classmethod
+    def from_params(cls, params: GenericParams, run: RunContext | None = None) -> "GenericDistillPlugin":
+        ctx = run or RunContext()
+        plugin = cls(
+            generic_dataset(params.source, params.root, ctx.stream),
+            weight=None if params.weight == "auto" else float(params.weight),
+            mode=params.mode,
+            generic_every=params.generic_every,
+            batch_size=params.batch_size or ctx.train_batch_size,
+            val_fraction=params.val_fraction,
+            limit=params.limit,
+            seed=ctx.seed,
+            eval_batch_size=ctx.eval_batch_size,
+            workers=ctx.workers,
+            augment=ctx.augment,
+        )
+        plugin.params, plugin.run = params, run
+        return plugin
 
     def __init__(
         self,
@@ -429,7 +516,7 @@ class GenericDistillPlugin(CLPlugin):
         weight: float | None = None,
         mode: str = "alternate",
         generic_every: int = 2,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         val_fraction: float = 0.1,
         limit: int | None = None,
         seed: int = 0,
@@ -437,11 +524,14 @@ class GenericDistillPlugin(CLPlugin):
         workers: int = 0,
         augment: bool = True,
     ) -> None:
-        super().__init__()
         if mode not in ("alternate", "joint"):
             raise ValueError(f"mode must be 'alternate' or 'joint', got {mode!r}")
         if generic_every < 2 and mode == "alternate":
             raise ValueError("generic_every must be >= 2 (every iteration generic leaves no downstream batch)")
+        super().__init__(GenericParams(
+            weight="auto" if weight is None else weight, mode=mode, generic_every=generic_every, batch_size=batch_size,
+            val_fraction=val_fraction, limit=limit,
+        ))
         from cl_proxyfda.benchmarks.image_folder import limit_indices
 
         self.generic = generic
@@ -493,6 +583,8 @@ class GenericDistillPlugin(CLPlugin):
 
     # --------------------------------------------------------------- callbacks
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        if self.batch_size is None:  # joined a strategy by hand: its batch size
+            self.batch_size = self.context(strategy).train_batch_size
         source_criterion(strategy)
         if self.targets is None:
             self.compute_targets(strategy)
@@ -571,12 +663,10 @@ class GenericDistillPlugin(CLPlugin):
 class MeanL2Plugin(AnchoredPenaltyPlugin):
     """``weight * sum over trainable tensors of mean((theta - theta_0)^2)``, every batch."""
 
+    Params = L2Params
     name = "infusing_l2"
     term = "mean_l2"
     penalty = staticmethod(per_tensor_mean_l2)
-
-    def __init__(self, weight: float = 1e4, anchor: str = "pretrained") -> None:
-        super().__init__(weight, anchor)
 
 
 # -------------------------------------------------------------- model selection
@@ -597,7 +687,25 @@ class BestCheckpointPlugin(CLPlugin):
         scorer: Python only: replaces the score, ``scorer(strategy) -> float``.
     """
 
+    Params = SelectParams
     name = "infusing_select"
+
+    @classmethod
+    def from_params(cls, params: SelectParams, run: RunContext | None = None) -> "BestCheckpointPlugin":
+        ctx = run or RunContext()
+        plugin = cls(
+            every=params.every,
+            val_fraction=params.val_fraction,
+            generic_score=params.generic_score,
+            knn_k=params.knn_k,
+            include_start=params.include_start,
+            seed=ctx.seed,
+            eval_batch_size=ctx.eval_batch_size,
+            workers=ctx.workers,
+            cache_mb=params.cache_mb,
+        )
+        plugin.params, plugin.run = params, run
+        return plugin
 
     def __init__(
         self,
@@ -612,11 +720,13 @@ class BestCheckpointPlugin(CLPlugin):
         cache_mb: float = 512.0,
         scorer: Callable[[Any], float] | None = None,
     ) -> None:
-        super().__init__()
         if every < 1:
             raise ValueError("every must be >= 1")
         if generic_score not in ("auto", "knn", "alignment"):
             raise ValueError(f"generic_score must be 'auto', 'knn' or 'alignment', got {generic_score!r}")
+        super().__init__(SelectParams(
+            every=every, val_fraction=val_fraction, generic_score=generic_score, knn_k=knn_k, include_start=include_start, cache_mb=cache_mb,
+        ))
         self.every, self.val_fraction, self.generic_score, self.knn_k = every, val_fraction, generic_score, knn_k
         self.include_start, self.seed = include_start, seed
         self.eval_batch_size, self.workers, self.cache_mb, self.scorer = eval_batch_size, workers, cache_mb, scorer
@@ -750,7 +860,20 @@ class InfusingPlugin(CLPlugin):
     given as ``None`` are left out. ``vision_only`` refuses a trainable text tower.
     """
 
+    Params = InfusingParams
     name = "infusing"
+
+    @classmethod
+    def from_params(cls, params: InfusingParams, run: RunContext | None = None) -> "InfusingPlugin":
+        plugin = cls(
+            head=CosineHeadPlugin.from_params(params.head, run) if params.head is not None else None,
+            generic=GenericDistillPlugin.from_params(params.generic, run) if params.generic is not None else None,
+            l2=MeanL2Plugin.from_params(params.l2, run) if params.l2 is not None else None,
+            select=BestCheckpointPlugin.from_params(params.select, run) if params.select is not None else None,
+            vision_only=params.vision_only,
+        )
+        plugin.params, plugin.run = params, run
+        return plugin
 
     def __init__(
         self,
@@ -760,7 +883,10 @@ class InfusingPlugin(CLPlugin):
         select: BestCheckpointPlugin | None = None,
         vision_only: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(InfusingParams(
+            head=None if head is None else head.params, generic=None if generic is None else generic.params,
+            l2=None if l2 is None else l2.params, select=None if select is None else select.params, vision_only=vision_only,
+        ))
         self.head, self.generic, self.l2, self.select = head, generic, l2, select
         self.vision_only = vision_only
         self.parts: list[CLPlugin] = [p for p in (generic, head, l2, select) if p is not None]
@@ -832,122 +958,8 @@ class InfusingPlugin(CLPlugin):
             p.load_state_dict(state[p.name])
 
 
-# --------------------------------------------------------------------- configs
-class HeadParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    init: Literal["text", "random"] = Field("text", description="[choice] cosine head from the class-prompt text embeddings, or random (paper)")
-    scale: float = Field(16.0, gt=0, description="cosine-classifier logit scale")
-    lr: float = Field(1e-3, gt=0, description="learning rate of the head's parameter group")
-    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay of the head group")
-    record_accuracy: bool = Field(True, description="measure the cosine-head test accuracy of each trained task")
-
-
-class GenericParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    source: Literal["reference", "control", "folder"] = Field("reference", description="generic images: the stream's reference images, its control test set, or a folder")
-    root: str | None = Field(None, description="source folder: images under root, labelled by parent folder")
-    weight: float | Literal["auto"] = Field("auto", description="lambda_d; auto = 1000 * D / 768")
-    mode: Literal["alternate", "joint"] = Field("alternate", description="one source per batch (paper) or both every iteration")
-    generic_every: int = Field(2, ge=2, le=10_000_000, description="alternate: iteration k is generic when (k + 1) % generic_every == 0")
-    batch_size: int | None = Field(None, gt=0, le=65536, description="generic batch size (default train.batch_size)")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="generic images held out for model selection")
-    limit: int | None = Field(None, gt=0, description="use at most this many generic images (seeded)")
-
-
-class L2Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    weight: float = Field(1e4, ge=0, description="lambda_w of sum over tensors of mean((theta - theta_0)^2)")
-    anchor: Literal["pretrained", "previous"] = "pretrained"
-
-
-class SelectParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    every: int = Field(50, ge=1, le=10_000_000, description="evaluate every this many optimizer steps (and after the last)")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="class-stratified share of each task's training data held out")
-    generic_score: Literal["auto", "knn", "alignment"] = Field(
-        "auto", description="generic validation score: k-NN accuracy, mean cosine to the pre-trained embeddings, or auto (knn with 2+ labels)"
-    )
-    knn_k: int = Field(10, ge=1, le=65536)
-    include_start: bool = Field(False, description="also score the start-of-experience weights")
-    cache_mb: float = Field(512.0, ge=0, description="keep preprocessed validation inputs in memory up to this size")
-
-
-class InfusingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    head: HeadParams | None = Field(default_factory=HeadParams, description="null: keep the zero-shot text-head loss")
-    generic: GenericParams | None = Field(default_factory=GenericParams, description="null: no generic batches")
-    l2: L2Params | None = Field(default_factory=L2Params, description="null: no weight regulariser")
-    select: SelectParams | None = Field(default_factory=SelectParams, description="null: keep the last iterate")
-    vision_only: bool = Field(True, description="refuse a trainable text tower")
-
-
-def _cfg(context: dict[str, Any], section: str, key: str, default: Any) -> Any:
-    config = context.get("config")
-    return getattr(getattr(config, section), key) if config is not None else default
-
-
-def make_head(params: HeadParams, **context: Any) -> CosineHeadPlugin:
-    stream = context.get("stream")
-    tasks = list(stream.tasks) if stream is not None else None
-    return CosineHeadPlugin(
-        scale=params.scale,
-        init=params.init,
-        lr=params.lr,
-        weight_decay=params.weight_decay,
-        seed=_cfg(context, "run", "seed", 0),
-        test_sets=[t.test for t in tasks] if (tasks and params.record_accuracy) else None,
-        task_names=[t.name for t in tasks] if tasks else None,
-        eval_batch_size=_cfg(context, "eval", "batch_size", 256),
-    )
-
-
-def make_generic(params: GenericParams, **context: Any) -> GenericDistillPlugin:
-    data = generic_dataset(params.source, params.root, context.get("stream"))
-    return GenericDistillPlugin(
-        data,
-        weight=None if params.weight == "auto" else float(params.weight),
-        mode=params.mode,
-        generic_every=params.generic_every,
-        batch_size=params.batch_size or _cfg(context, "train", "batch_size", 32),
-        val_fraction=params.val_fraction,
-        limit=params.limit,
-        seed=_cfg(context, "run", "seed", 0),
-        eval_batch_size=_cfg(context, "eval", "batch_size", 256),
-        workers=_cfg(context, "train", "workers", 0),
-        augment=_cfg(context, "train", "augment", True),
-    )
-
-
-def make_l2(params: L2Params, **context: Any) -> MeanL2Plugin:
-    return MeanL2Plugin(params.weight, params.anchor)
-
-
-def make_select(params: SelectParams, **context: Any) -> BestCheckpointPlugin:
-    return BestCheckpointPlugin(
-        every=params.every,
-        val_fraction=params.val_fraction,
-        generic_score=params.generic_score,
-        knn_k=params.knn_k,
-        include_start=params.include_start,
-        seed=_cfg(context, "run", "seed", 0),
-        eval_batch_size=_cfg(context, "eval", "batch_size", 256),
-        workers=_cfg(context, "train", "workers", 0),
-        cache_mb=params.cache_mb,
-    )
-
-
-STRATEGIES.register("infusing_head", HeadParams, help="Infusing: cosine-classifier head (scale 16) replacing the text-head loss")(make_head)
-STRATEGIES.register("infusing_generic", GenericParams, help="Infusing: alternating generic batches with embedding distillation")(make_generic)
-STRATEGIES.register("infusing_l2", L2Params, help="Infusing: per-tensor mean L2 to the pre-trained weights")(make_l2)
-STRATEGIES.register("infusing_select", SelectParams, help="Infusing: keep the best iterate by downstream + generic validation")(make_select)
-
-
-@STRATEGIES.register("infusing", InfusingParams, help="Infusing: vision-only fine-tuning (head + generic distillation + L2 + selection)")
-def build_infusing(params: InfusingParams, **context: Any) -> InfusingPlugin:
-    return InfusingPlugin(
-        head=make_head(params.head, **context) if params.head is not None else None,
-        generic=make_generic(params.generic, **context) if params.generic is not None else None,
-        l2=make_l2(params.l2, **context) if params.l2 is not None else None,
-        select=make_select(params.select, **context) if params.select is not None else None,
-        vision_only=params.vision_only,
-    )
+STRATEGIES.register("infusing_head", help="Infusing: cosine-classifier head (scale 16) replacing the text-head loss")(CosineHeadPlugin)
+STRATEGIES.register("infusing_generic", help="Infusing: alternating generic batches with embedding distillation")(GenericDistillPlugin)
+STRATEGIES.register("infusing_l2", help="Infusing: per-tensor mean L2 to the pre-trained weights")(MeanL2Plugin)
+STRATEGIES.register("infusing_select", help="Infusing: keep the best iterate by downstream + generic validation")(BestCheckpointPlugin)
+STRATEGIES.register("infusing", help="Infusing: vision-only fine-tuning (head + generic distillation + L2 + selection)")(InfusingPlugin)

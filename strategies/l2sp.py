@@ -1,7 +1,7 @@
 """L2-SP: an L2 pull of the trained weights towards an anchor."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,17 +16,11 @@ class L2SPParams(BaseModel):
     anchor: Literal["pretrained", "previous"] = "pretrained"
 
 
+@STRATEGIES.register("l2sp", help="L2-SP: L2 to pre-trained or start-of-experience weights")
 class L2SPPlugin(AnchoredPenaltyPlugin):
     """Adds ``weight * sum ||theta - anchor||^2`` over the trainable parameters."""
 
+    Params = L2SPParams
     name = "l2sp"
     term = "l2sp"
     penalty = staticmethod(l2_to_anchor)
-
-    def __init__(self, weight: float = 0.5, anchor: str = "pretrained") -> None:
-        super().__init__(weight, anchor)
-
-
-@STRATEGIES.register("l2sp", L2SPParams, help="L2-SP: L2 to pre-trained or start-of-experience weights")
-def build_l2sp(params: L2SPParams, **context: Any) -> L2SPPlugin:
-    return L2SPPlugin(params.weight, params.anchor)

@@ -28,42 +28,42 @@ def auto_layers(num_blocks: int) -> list[str]:
     return ["ln_pre"] + [f"block{i}" for i in picks]
 
 
+@STRATEGIES.register("ldifs", help="LDIFS / feature distillation against the frozen reference")
 class LDIFSPlugin(CLPlugin):
     """Adds ``weight * mean_l ||phi_l(x) - phi0_l(x)||^2`` on normalised features."""
 
+    Params = LDIFSParams
     name = "ldifs"
 
-    def __init__(self, weight: float = 10.0, layers: list[str] | str = "auto", reference: str = "pretrained") -> None:
-        super().__init__()
-        self.weight = weight
-        self.layers_option = layers
-        self.reference = reference
+    def __init__(self, params: LDIFSParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
         self.layers: list[str] = []
-        if isinstance(layers, list):  # explicit names are checked when the model is built
-            self.needs_layers = tuple(layers)
+        if isinstance(self.params.layers, list):  # explicit names are checked when the model is built
+            self.needs_layers = tuple(self.params.layers)
 
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
         model = unwrap(strategy.model)
-        if self.layers_option == "embed":
+        option = self.params.layers
+        if option == "embed":
             self.layers = []
-        elif self.layers_option == "auto":
+        elif option == "auto":
             self.layers = auto_layers(len(model.clip.visual.transformer.resblocks))
         else:
-            self.layers = list(self.layers_option)
+            self.layers = list(option)
         if self.layers:
             model.capture_layers(self.layers)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.reference == "previous":
+        if self.params.reference == "previous":
             from cl_proxyfda.teacher import teacher_bank
 
             teacher_bank(strategy).refresh_previous(strategy.model)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        if self.weight == 0:
+        if self.params.weight == 0:
             return
         student = student_outputs(strategy)
-        teacher = teacher_outputs(strategy, self.reference, self.layers)
+        teacher = teacher_outputs(strategy, self.params.reference, self.layers)
         if self.layers:
             s = {k: student["layers"][k] for k in self.layers}
             t = {k: teacher["layers"][k] for k in self.layers}
@@ -71,9 +71,4 @@ class LDIFSPlugin(CLPlugin):
             s, t = {"embed": student["image_embeds"]}, {"embed": teacher["image_embeds"]}
         loss = feature_distance(s, t)
         self.loss_terms["ldifs"] = float(loss.detach())
-        strategy.loss = strategy.loss + self.weight * loss
-
-
-@STRATEGIES.register("ldifs", LDIFSParams, help="LDIFS / feature distillation against the frozen reference")
-def build_ldifs(params: LDIFSParams, **context: Any) -> LDIFSPlugin:
-    return LDIFSPlugin(params.weight, params.layers, params.reference)
+        strategy.loss = strategy.loss + self.params.weight * loss

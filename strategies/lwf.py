@@ -8,6 +8,7 @@ from avalanche.training.plugins import LwFPlugin
 from pydantic import BaseModel, ConfigDict, Field
 
 from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.strategies.base import Configurable
 from cl_proxyfda.teacher import unwrap
 
 
@@ -17,14 +18,17 @@ class LwFParams(BaseModel):
     temperature: float = Field(2.0, gt=0)
 
 
-class LwF(LwFPlugin):
+@STRATEGIES.register("lwf", help="LwF (Avalanche's plugin): distillation from the previous model")
+class LwF(Configurable, LwFPlugin):
     """Avalanche's LwF (distils the previous model's heads of earlier tasks)."""
 
+    Params = LwFParams
     name = "lwf"
     needs_layers: tuple[str, ...] = ()
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
-        super().__init__(alpha=alpha, temperature=temperature)
+    def __init__(self, params: LwFParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        self._configure(params, run, kwargs)
+        super().__init__(alpha=self.params.alpha, temperature=self.params.temperature)
         self.loss_terms: dict[str, float] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -47,8 +51,3 @@ class LwF(LwFPlugin):
             lwf.prev_model = copy.deepcopy(unwrap(model))
             lwf.prev_model.load_state_dict(state["prev_model"])
             lwf.prev_model.known_train_tasks_labels = set(lwf.prev_classes_by_task)
-
-
-@STRATEGIES.register("lwf", LwFParams, help="LwF (Avalanche's plugin): distillation from the previous model")
-def build_lwf(params: LwFParams, **context: Any) -> LwF:
-    return LwF(params.alpha, params.temperature)

@@ -82,12 +82,17 @@ class ProxyFDAParams(ProxyOptions, FDAParams):
     """Options of Proxy-FDA: FDA's plus the generated proxies' (``ProxyOptions``)."""
 
 
+@STRATEGIES.register("proxy_fda", help="Proxy-FDA: neighbourhood-preserving feature alignment with generated proxies")
 class ProxyFDAPlugin(CLPlugin):
     """Adds ``weight * L_FDA (+ proxies) + L_generator`` in ``before_backward``; tau, b and
     the generator (the shared :class:`FDAHead`) step in ``after_update``."""
 
-    def __init__(self, params: ProxyFDAParams | FDAParams) -> None:
-        super().__init__()
+    Params = ProxyFDAParams
+    params: ProxyFDAParams
+
+    def __init__(self, params: ProxyFDAParams | FDAParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
+        params = self.params
         if not isinstance(params, ProxyFDAParams):  # plain FDA options: proxies off
             params = ProxyFDAParams(**params.model_dump(), proxies=False)
         self.params = params
@@ -185,11 +190,8 @@ class ProxyFDAPlugin(CLPlugin):
         self.head.step()
 
 
-@STRATEGIES.register("proxy_fda", ProxyFDAParams, help="Proxy-FDA: neighbourhood-preserving feature alignment with generated proxies")
-def build_proxy_fda(params: ProxyFDAParams, **context: Any) -> ProxyFDAPlugin:
-    return ProxyFDAPlugin(params)
+@STRATEGIES.register("fda", help="FDA: neighbourhood-preserving feature alignment (Proxy-FDA without proxies)")
+class FDAPlugin(ProxyFDAPlugin):
+    """Proxy-FDA with proxies off (its options: ``FDAParams``)."""
 
-
-@STRATEGIES.register("fda", FDAParams, help="FDA: neighbourhood-preserving feature alignment (Proxy-FDA without proxies)")
-def build_fda(params: FDAParams, **context: Any) -> ProxyFDAPlugin:
-    return ProxyFDAPlugin(params)
+    Params = FDAParams

@@ -24,33 +24,32 @@ class WiSEFTParams(BaseModel):
     )
 
 
+@STRATEGIES.register("wiseft", help="WiSE-FT: weight interpolation with the pre-trained (or start-of-experience) model")
 class WiSEFTPlugin(CLPlugin):
     """After training an experience (or the last one), move the weights to the interpolation."""
 
+    Params = WiSEFTParams
     name = "wiseft"
 
-    def __init__(self, alpha: float = 0.5, when: str = "every_experience", anchor: str = "pretrained") -> None:
-        super().__init__()
-        self.alpha = alpha
-        self.when = when
-        self.anchor = anchor
+    def __init__(self, params: WiSEFTParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
         self.applied = 0
         self._start: dict[str, Tensor] | None = None  # anchor "previous": the weights at the experience's start
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.anchor == "previous":
+        if self.params.anchor == "previous":
             self._start = {k: v.detach().clone() for k, v in unwrap(strategy.model).state_dict().items()}
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         num_exps = getattr(strategy, "num_experiences", None)
         is_last = num_exps is not None and int(strategy.experience.current_experience) == num_exps - 1
-        if self.when == "end" and not is_last:
+        if self.params.when == "end" and not is_last:
             return
-        anchor = self._start if self.anchor == "previous" else teacher_bank(strategy).initial_state
+        anchor = self._start if self.params.anchor == "previous" else teacher_bank(strategy).initial_state
         if anchor is None:
-            raise RuntimeError(f"WiSE-FT needs the {self.anchor} weights (anchor: {self.anchor})")
+            raise RuntimeError(f"WiSE-FT needs the {self.params.anchor} weights (anchor: {self.params.anchor})")
         model = unwrap(strategy.model)
-        model.load_state_dict(interpolate_weights(anchor, model.state_dict(), self.alpha))
+        model.load_state_dict(interpolate_weights(anchor, model.state_dict(), self.params.alpha))
         model.text_changed()
         self._start = None
         self.applied += 1
@@ -60,8 +59,3 @@ class WiSEFTPlugin(CLPlugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.applied = int(state.get("applied", 0))
-
-
-@STRATEGIES.register("wiseft", WiSEFTParams, help="WiSE-FT: weight interpolation with the pre-trained (or start-of-experience) model")
-def build_wiseft(params: WiSEFTParams, **context: Any) -> WiSEFTPlugin:
-    return WiSEFTPlugin(params.alpha, params.when, params.anchor)

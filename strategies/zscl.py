@@ -71,7 +71,7 @@ from cl_proxyfda.losses.regularizers import l2_to_anchor
 from cl_proxyfda.losses.zscl import WEIGHT_ENSEMBLE_EVERY, ZSCL_TEMPERATURE, WeightEnsemble, zscl_distillation
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
-from cl_proxyfda.strategies.base import CLPlugin
+from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     TransformedImages,
     autocast_context,
@@ -170,18 +170,22 @@ def reference_texts_of(params: ZSCLParams, stream: Any) -> list[str]:
     return list(dict.fromkeys(texts)) if params.unique_texts else texts
 
 
+@STRATEGIES.register("zscl", help="ZSCL: distillation of the pre-trained model's reference logits, L2, weight ensembling")
 class ZSCLPlugin(CLPlugin):
     """Reference-logit distillation from the pre-trained model, L2 to start weights, weight ensembling."""
 
+    Params = ZSCLParams
     name = "zscl"
+    params: ZSCLParams
 
-    def __init__(self, params: ZSCLParams, stream: Any, run_seed: int = 0, workers: int = 0) -> None:
-        super().__init__()
-        self.params = params
-        self.seed = params.seed if params.seed is not None else run_seed
-        self.workers = workers
-        self.images = reference_images_of(params, stream)
-        self.texts = reference_texts_of(params, stream)
+    def __init__(self, params: ZSCLParams | None = None, /, *, run: RunContext | None = None, **kwargs: Any) -> None:
+        super().__init__(params, run=run, **kwargs)
+        ctx = self.context()
+        params = self.params
+        self.seed = params.seed if params.seed is not None else ctx.seed
+        self.workers = ctx.workers
+        self.images = reference_images_of(params, ctx.stream)
+        self.texts = reference_texts_of(params, ctx.stream)
         self.anchor: dict[str, Tensor] | None = None
         self.ensemble: WeightEnsemble | None = None
         self.iteration = 0
@@ -299,12 +303,3 @@ class ZSCLPlugin(CLPlugin):
         else:
             self.ensemble = WeightEnsemble({n: t for n, t in ens["average"].items()}, int(ens["every"]))
             self.ensemble.load_state_dict(ens)
-
-
-@STRATEGIES.register("zscl", ZSCLParams, help="ZSCL: distillation of the pre-trained model's reference logits, L2, weight ensembling")
-def build_zscl(params: ZSCLParams, stream: Any = None, config: Any = None, **context: Any) -> ZSCLPlugin:
-    if stream is None:
-        raise UserError("zscl: the strategy needs the stream (build it through the runner)")
-    seed = config.run.seed if config is not None else 0
-    workers = config.train.workers if config is not None else 0
-    return ZSCLPlugin(params, stream, run_seed=seed, workers=workers)

@@ -302,9 +302,8 @@ def test_coop_rejects_models_without_prompts_or_with_trainable_towers(tmp_path, 
     model.clip.visual.proj.requires_grad_(True)
     with pytest.raises(UserError, match="only the prompt context"):
         train(CoOpPlugin())
-    cfg = parse_config(tiny_config(tiny_stream_root, tmp_path, strategies=[{"name": "naive"}, {"name": "prompt_fda"}]))
-    with pytest.raises(ConfigError, match=r"strategies\[1\].*model.prompt_learner"):
-        STRATEGIES.build("prompt_fda", {}, config=cfg, index=1)
+    with pytest.raises(ConfigError, match=r"^strategies\[1\]: prompt_fda needs a prompt learner: set model.prompt_learner"):
+        parse_config(tiny_config(tiny_stream_root, tmp_path, strategies=[{"name": "naive"}, {"name": "prompt_fda"}]))
     with pytest.raises(ValidationError):
         PromptFDAParams(feature="embed")
 

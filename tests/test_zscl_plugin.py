@@ -21,6 +21,7 @@ from cl_proxyfda.errors import ConfigError, UserError  # noqa: E402
 from cl_proxyfda.losses.zscl import zscl_distillation  # noqa: E402
 from cl_proxyfda.runner import build_run, execute  # noqa: E402
 from cl_proxyfda.strategies.anchors import trainable_named_parameters  # noqa: E402
+from cl_proxyfda.strategies.base import RunContext  # noqa: E402
 from cl_proxyfda.strategies.zscl import ZSCLParams, ZSCLPlugin, reference_images_of, reference_texts_of  # noqa: E402
 from cl_proxyfda.teacher import unwrap  # noqa: E402
 from conftest import TINY_TASKS, tiny_config, write_image_folder_stream  # noqa: E402
@@ -129,7 +130,7 @@ def test_state_round_trip_with_weights_only(tmp_path, data_root, reference):
     zscl = run.plugins[0]
     saved = torch.load(sorted((run.out_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)["plugins"]["0:zscl"]
     assert saved["iteration"] == 2 and saved["ensemble"]["count"] == 3
-    fresh = ZSCLPlugin(ZSCLParams(**{k: v for k, v in zscl_entry(reference).items() if k != "name"}), run.stream)
+    fresh = ZSCLPlugin(ZSCLParams(**{k: v for k, v in zscl_entry(reference).items() if k != "name"}), run=RunContext(stream=run.stream))
     fresh.load_state_dict(saved)
     assert fresh.iteration == 2 and fresh.ensemble.count == 3 and fresh.ensemble.every == 1
     assert all(torch.equal(fresh.anchor[n], zscl.anchor[n]) for n in zscl.anchor)
