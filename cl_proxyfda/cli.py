@@ -222,7 +222,7 @@ def cmd_base_to_new(args: argparse.Namespace) -> int:
 
     from cl_proxyfda.base_to_new import run_base_to_new
     from cl_proxyfda.registry import STREAMS, load_builtin_components
-    from cl_proxyfda.results import atomic_write_text
+    from cl_proxyfda.io import write_atomic
 
     load_builtin_components()
     stream = STREAMS.build(args.stream, {}, run_seed=0)
@@ -246,8 +246,8 @@ def cmd_base_to_new(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "base_to_new.md", table + "\n")
-        atomic_write_text(out / "base_to_new.json", json.dumps(runs, indent=1))
+        write_atomic(out / "base_to_new.md", table + "\n")
+        write_atomic(out / "base_to_new.json", json.dumps(runs, indent=1))
     return 0
 
 

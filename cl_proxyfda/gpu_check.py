@@ -38,7 +38,8 @@ from PIL import Image
 
 from cl_proxyfda.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.results import atomic_write_text, to_jsonable
+from cl_proxyfda.io import write_atomic
+from cl_proxyfda.results import to_jsonable
 
 TARGET_SECONDS = 480
 """The full-size check is meant to finish within 8 minutes on one CUDA device."""
@@ -394,8 +395,8 @@ def run_gpu_check(out: str | Path = "gpu_check", tiny: bool = False, device: str
         report["complete"] = all(p.status == "ok" for p in phases)
         report["failed"] = [p.name for p in phases if p.status == "failed"]
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "gpu_check.json", json.dumps(to_jsonable(report), indent=1))
-        atomic_write_text(out_dir / "gpu_check.md", report_markdown(report, phases))
+        write_atomic(out_dir / "gpu_check.json", json.dumps(to_jsonable(report), indent=1))
+        write_atomic(out_dir / "gpu_check.md", report_markdown(report, phases))
 
     with tempfile.TemporaryDirectory(prefix="clpfda-gpu-check-") as tmp_name:
         tmp = Path(tmp_name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
 import random
 import sys
 import time
@@ -31,6 +30,7 @@ from cl_proxyfda.config import RunConfig
 from cl_proxyfda.distributed import DistContext, barrier, init_distributed
 from cl_proxyfda.errors import TrainingDiverged, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
+from cl_proxyfda.io import write_atomic
 from cl_proxyfda.ledger import build_ledger, peak_rss_mb
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.probe import probe_row
@@ -276,12 +276,6 @@ def _lock_run_folder(run: "Run") -> FolderLock | None:
     return lock
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -392,7 +386,7 @@ def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
     elif resume and run.dist.is_main and not quiet and any((out / n).exists() for n in ("metrics.json", "config.yaml", "checkpoints")):
         print(f"resume: no checkpoint in {ckpt_dir}; starting {out} again from the first experience", file=sys.stderr)
     if run.dist.is_main:
-        _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.logger = _make_logger(run)
     barrier()
     exit_code = 1

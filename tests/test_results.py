@@ -15,7 +15,7 @@ from matplotlib.image import imread
 
 from cl_proxyfda import plots
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.results import METRICS_FILE, RunResults, atomic_write_text, report
+from cl_proxyfda.results import METRICS_FILE, RunResults, report
 
 TASKS = ["aircraft", "caltech", "cifar"]
 ROWS = [[10.0, 20.0, 30.0], [60.0, 25.0, 31.0], [50.0, 70.0, 32.0], [40.0, 60.0, 80.0]]
@@ -152,11 +152,6 @@ def test_save_replaces_files_atomically(tmp_path):
     assert os.stat(tmp_path / METRICS_FILE).st_ino != inode
     assert RunResults.load(tmp_path).experiences_done == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-
-
-def test_atomic_write_creates_parent_folders(tmp_path):
-    path = atomic_write_text(tmp_path / "a" / "b" / "x.txt", "hello")
-    assert path.read_text() == "hello"
 
 
 def test_load_errors_name_the_file(tmp_path):
