@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Pre-generate the GIFT synthetic sets of a run file into the cache the run reads."""
     from cl_proxyfda.config import load_config
     from cl_proxyfda.registry import STREAMS
-    from cl_proxyfda.runner import resolve_device
+    from cl_proxyfda.device import resolve_device
     from cl_proxyfda.strategies.gift import GIFTParams, synthetic_spec_of
     from cl_proxyfda.synthetic import ensure_plan, plan_experience, stream_key
 

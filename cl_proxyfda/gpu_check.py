@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from cl_proxyfda.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.io import write_atomic
 from cl_proxyfda.results import to_jsonable
@@ -347,16 +348,13 @@ def resolve_check_device(device: str | None, tiny: bool) -> tuple[torch.device, 
     if device not in (None, "cuda", "cpu"):
         raise UserError(f"--device: must be cuda or cpu (got {device!r})")
     notes: list[str] = []
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device: cuda requested but no CUDA device is available")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            notes.append("no CUDA device: running on CPU")
-    if device == "cpu" and not tiny:
+    resolved = resolve_device(device or "auto", "--device")
+    if device is None and resolved.type == "cpu":
+        notes.append("no CUDA device: running on CPU")
+    if resolved.type == "cpu" and not tiny:
         tiny = True
         notes.append("CPU: --tiny implied (the full sizes need a GPU)")
-    return torch.device(device), tiny, notes
+    return resolved, tiny, notes
 
 
 def run_gpu_check(out: str | Path = "gpu_check", tiny: bool = False, device: str | None = None, command: str = "cl-proxyfda gpu-check",

@@ -27,6 +27,7 @@ from torch import nn
 
 from cl_proxyfda import checkpoint as ckpt
 from cl_proxyfda.config import RunConfig
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.distributed import DistContext, barrier, init_distributed
 from cl_proxyfda.errors import TrainingDiverged, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
@@ -46,14 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

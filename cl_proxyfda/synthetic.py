@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from cl_proxyfda.benchmarks.samplers import seeded_batches
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.generators.cache import SyntheticCache, SyntheticDataset, cache_folder, generator_id
 from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE, apply_template, build_prompt_pool, imagenet_base_concepts, sample_prompts
@@ -253,27 +254,6 @@ class TransformedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.base[i][0]
         return self.transform(image), i
-
-
-def seeded_batches(n_items: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless batches of indices: passes over seeded permutations of ``range(n_items)``.
-
-    A batch larger than what is left of a pass is completed from the next pass, so with
-    ``n_items < batch_size`` items repeat within a batch.
-    """
-    if n_items < 1 or batch_size < 1:
-        raise ValueError("seeded_batches needs n_items >= 1 and batch_size >= 1")
-    rng = np.random.default_rng(seed)
-    queue: list[int] = []
-    while True:
-        batch: list[int] = []
-        while len(batch) < batch_size:
-            if not queue:
-                queue = rng.permutation(n_items).tolist()
-            take = min(batch_size - len(batch), len(queue))
-            batch.extend(queue[:take])
-            del queue[:take]
-        yield batch
 
 
 class BatchPlan(torch.utils.data.Sampler):
