@@ -11,9 +11,10 @@ that both use the same plan and the same cache folder:
 - :func:`ensure_plan` / :func:`load_plan`: generate what is missing (idempotent,
   resumable, sharded by rank) and read the pairs back.
 
-Also here: :func:`eval_transform` (the model's own eval transform, rebuilt from
-open_clip's preprocess config), :func:`seeded_batches` and :func:`keep_captured_features`,
-which the synthetic- and reference-data plugins (GIFT, ZSCL) share.
+Also here: :func:`keep_captured_features`, and (re-exported from their homes,
+:mod:`cl_proxyfda.models` and :mod:`cl_proxyfda.benchmarks.samplers`)
+:func:`eval_transform` and :func:`seeded_batches`, which the synthetic- and
+reference-data plugins (GIFT, ZSCL) share.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from cl_proxyfda.benchmarks.samplers import seeded_batches
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.generators.cache import SyntheticCache, SyntheticDataset, cache_folder, generator_id
 from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE, apply_template, build_prompt_pool, imagenet_base_concepts, sample_prompts
+from cl_proxyfda.models import eval_transform  # noqa: F401  (re-exported: the plugins import it from here)
 
 BaseConcepts = Literal["auto", "stream", "imagenet"] | list[str]
 DEFAULT_CACHE_SUBDIR = "synthetic"
@@ -230,17 +232,6 @@ def prepare_experience(
 
 
 # ------------------------------------------------------------ shared helpers
-def eval_transform(model: nn.Module) -> Callable:
-    """The eval transform of the task model's CLIP (as open_clip builds it)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    clip = getattr(model, "clip", model)
-    cfg = getattr(clip.visual, "preprocess_cfg", None)
-    if cfg is None:
-        raise UserError("model: the image tower has no preprocess_cfg to build its eval transform from")
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-
-
 class TransformedImages(Dataset):
     """``(transform(image), index)`` for datasets yielding ``(PIL image, anything)``."""
 
