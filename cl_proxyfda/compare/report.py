@@ -149,7 +149,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-def summarize_variants(plan: ComparisonPlan, outcomes: Sequence["RunOutcome"]) -> list[VariantRow]:
+def summarize_variants(plan: ComparisonPlan, outcomes: Sequence[RunOutcome]) -> list[VariantRow]:
     """Aggregate the finished runs of every variant (mean ± sample std over seeds)."""
     rows = []
     for variant in plan.variants:
