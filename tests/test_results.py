@@ -7,6 +7,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +285,10 @@ def test_eleven_tasks_stay_a_sensible_size(tmp_path):
         r.add_row(rng.uniform(0, 100, len(MTIL)).tolist(), control=rng.uniform(40, 60))
     for path in plots.render_all(r, tmp_path):
         check_png(path)
+
+
+@pytest.mark.parametrize("module,other", [("plots", "results"), ("results", "plots")])
+def test_results_and_plots_import_without_each_other(module, other):
+    code = f"import sys, cl_proxyfda.{module}; print('cl_proxyfda.{other}' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"
