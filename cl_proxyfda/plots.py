@@ -28,7 +28,7 @@ DPI = 110
 PERCENT_MATRICES = {"task_agnostic": "Task-agnostic accuracy (%, union vocabulary)"}
 
 
-class RunResults(Protocol):
+class RunData(Protocol):
     """What the plots read of a run (:class:`cl_proxyfda.results.RunResults` has it)."""
 
     task_names: list[str]
@@ -56,7 +56,7 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return write_atomic(path, buf.getvalue())
 
 
-def plot_accuracy_matrix(results: RunResults, path: str | Path, name: str | None = None) -> Path:
+def plot_accuracy_matrix(results: RunData, path: str | Path, name: str | None = None) -> Path:
     """Heatmap of the accuracy matrix (or extra matrix ``name``) with values.
 
     Rows 0..T (row 0 = zero-shot, rows not evaluated yet stay blank), one column per
@@ -110,7 +110,7 @@ def plot_accuracy_matrix(results: RunResults, path: str | Path, name: str | None
     return save_png(fig, path)
 
 
-def plot_stability_plasticity(results: RunResults, path: str | Path) -> Path:
+def plot_stability_plasticity(results: RunData, path: str | Path) -> Path:
     """Per experience: accuracy on the task just learned (plasticity), mean accuracy on
     tasks seen so far, control retention (stability) and, with ``eval.control_probe``,
     the control set's probe accuracy on frozen image features, all in %."""
@@ -164,7 +164,7 @@ def plot_stability_plasticity(results: RunResults, path: str | Path) -> Path:
 MAX_HEATMAP_TASKS = MAX_MATRIX_TASKS
 
 
-def plot_files(results: RunResults, run_dir: str | Path) -> list[Path]:
+def plot_files(results: RunData, run_dir: str | Path) -> list[Path]:
     """The PNG files :func:`render_all` writes for ``results`` into ``run_dir``."""
     run_dir = Path(run_dir)
     files = [run_dir / "stability_plasticity.png"]
@@ -174,7 +174,7 @@ def plot_files(results: RunResults, run_dir: str | Path) -> list[Path]:
     return files
 
 
-def render_all(results: RunResults, run_dir: str | Path) -> list[Path]:
+def render_all(results: RunData, run_dir: str | Path) -> list[Path]:
     """Write ``accuracy_matrix.png``, ``stability_plasticity.png`` and one
     ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths.
     Heatmaps are left out for more than :data:`MAX_HEATMAP_TASKS` tasks."""
