@@ -73,6 +73,10 @@ With W&B on (``logging.wandb.mode`` not ``disabled``) every run logs its own W&B
 group ``name`` (unless the base sets ``logging.wandb.group``), and one more run,
 ``<name>-summary``, logs the comparison table (``wandb.Table``), ``frontier.png`` and
 ``curves.png``.
+
+The package: :mod:`~cl_proxyfda.compare.plan` (file schema, variants, grids, planning),
+:mod:`~cl_proxyfda.compare.run` (running the plan, locks, skipping and resuming runs) and
+:mod:`~cl_proxyfda.compare.report` (aggregation, tables, plots, the W&B summary).
 """
 from __future__ import annotations
 
