@@ -365,6 +365,7 @@ def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
 
     cfg, out = run.config, run.out_dir
     _check_out_dir(out, resume, cfg)  # again, now that no other run can write here
+    barrier()  # every process checked again before rank 0 writes config.yaml
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     ckpt_dir = out / "checkpoints"
