@@ -1,4 +1,5 @@
-"""Batch samplers for training: class-balanced with hard class mining, and plain random.
+"""Batch samplers for training: class-balanced with hard class mining, and plain random
+(over :func:`seeded_batches`, the endless seeded stream side-data loaders also use).
 
 Both are iterables of ``iterations`` lists of dataset indices, usable as
 ``DataLoader(dataset, batch_sampler=sampler)``. Both are deterministic for a seed: a
@@ -8,6 +9,7 @@ the pass explicitly).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -187,15 +189,27 @@ class RandomBatchSampler:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
-        queue: list[int] = []
-        for _ in range(self.iterations):
-            batch: list[int] = []
-            while len(batch) < self.batch_size:
-                if not queue:
-                    queue = rng.permutation(self.n_items).tolist()
-                step = min(self.batch_size - len(batch), len(queue))
-                batch.extend(queue[:step])
-                del queue[:step]
-            yield batch
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        yield from itertools.islice(seeded_batches(self.n_items, self.batch_size, [self.seed, epoch]), self.iterations)
+
+
+def seeded_batches(n_items: int, batch_size: int, seed: int | Sequence[int]) -> Iterator[list[int]]:
+    """Endless batches of indices: passes over seeded permutations of ``range(n_items)``
+    (one ``numpy.random.default_rng(seed)`` for all passes).
+
+    A batch larger than what is left of a pass is completed from the next pass, so with
+    ``n_items < batch_size`` items repeat within a batch.
+    """
+    if n_items < 1 or batch_size < 1:
+        raise ValueError("seeded_batches needs n_items >= 1 and batch_size >= 1")
+    rng = np.random.default_rng(seed)
+    queue: list[int] = []
+    while True:
+        batch: list[int] = []
+        while len(batch) < batch_size:
+            if not queue:
+                queue = rng.permutation(n_items).tolist()
+            take = min(batch_size - len(batch), len(queue))
+            batch.extend(queue[:take])
+            del queue[:take]
+        yield batch

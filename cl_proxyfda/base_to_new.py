@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from cl_proxyfda.benchmarks.samplers import RandomBatchSampler
 from cl_proxyfda.benchmarks.stream import StreamData, Subset, Task, dataset_targets, few_shot_indices
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.errors import ConfigError, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
 from cl_proxyfda.models import CLIPTaskModel, create_clip
@@ -202,7 +203,7 @@ def run_base_to_new(stream: StreamData | Sequence[Task], settings: BaseToNewSett
     base_concepts = list(stream.base_concepts) if isinstance(stream, StreamData) else []
     if not tasks:
         raise UserError("base-to-new: the stream has no tasks")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device, "base-to-new device")
     torch.manual_seed(cfg.seed)
     clip, pre_train, pre_eval, tokenizer = create_clip(cfg.model_name, cfg.pretrained, device=device)
     model = CLIPTaskModel(clip, tokenizer, [], train_towers=())

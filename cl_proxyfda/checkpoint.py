@@ -7,10 +7,8 @@ object is pickled (Avalanche's dill checkpoints fail on this torch).
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,25 +17,15 @@ import numpy as np
 import torch
 
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.io import write_atomic_with
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^exp_(\d{3,})\.pt$")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Save to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
+    write_atomic_with(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_state() -> dict[str, Any]:

@@ -165,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Pre-generate the GIFT synthetic sets of a run file into the cache the run reads."""
     from cl_proxyfda.config import load_config
     from cl_proxyfda.registry import STREAMS
-    from cl_proxyfda.runner import resolve_device
+    from cl_proxyfda.device import resolve_device
     from cl_proxyfda.synthetic import ensure_plan, plan_experience, stream_key
 
     cfg = load_config(args.config, args.set)
@@ -241,7 +241,7 @@ def cmd_base_to_new(args: argparse.Namespace) -> int:
 
     from cl_proxyfda.base_to_new import run_base_to_new
     from cl_proxyfda.registry import STREAMS, load_builtin_components
-    from cl_proxyfda.results import atomic_write_text
+    from cl_proxyfda.io import write_atomic
 
     load_builtin_components()
     stream = STREAMS.build(args.stream, {}, run_seed=0)
@@ -265,8 +265,8 @@ def cmd_base_to_new(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "base_to_new.md", table + "\n")
-        atomic_write_text(out / "base_to_new.json", json.dumps(runs, indent=1))
+        write_atomic(out / "base_to_new.md", table + "\n")
+        write_atomic(out / "base_to_new.json", json.dumps(runs, indent=1))
     return 0
 
 

@@ -467,6 +467,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key.path`` in ``data`` (list items by index) to a copy of ``value``, creating
+    missing sections. Raises :class:`ConfigError` ``(key, problem)`` for a path that does
+    not fit ``data``; callers put their own key path in front of the problem."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(key, "empty key path")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(key, f"no list item {part!r}")
+            if last:
+                node[int(part)] = copy.deepcopy(value)
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"{parts[i - 1]!r} is not a section")
+        if last:
+            node[part] = copy.deepcopy(value)
+        else:
+            if part not in node or node[part] is None:
+                node[part] = [] if parts[i + 1].isdigit() else {}
+            node = node[part]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars/lists)."""
     data = copy.deepcopy(data)
@@ -474,33 +502,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError("--set", f"expected key.path=value, got {item!r}")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
+        if not [p for p in key.strip().split(".") if p]:
             raise ConfigError("--set", f"empty key in {item!r}")
         try:
             value = load_yaml_text(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError):
             raise ConfigError(key, f"--set value {raw!r} is not valid YAML") from None
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(key, f"--set: no list item {part!r}")
-                node = node[int(part)]
-                continue
-            if part not in node or node[part] is None:
-                node[part] = [] if nxt.isdigit() else {}
-            node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(key, f"--set: {part!r} is not a section")
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(key, f"--set: no list item {last!r}")
-            node[int(last)] = value
-        else:
-            node[last] = value
+        try:
+            set_path(data, key, value)
+        except ConfigError as exc:
+            raise ConfigError(key, f"--set: {exc.problem}") from None
     return data
 
 

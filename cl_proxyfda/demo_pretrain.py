@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl_proxyfda.benchmarks import demo_world as world
+from cl_proxyfda.io import write_atomic
 from cl_proxyfda.models import ASSET_DIR, register_model_configs
+from cl_proxyfda.training import warmup_cosine
 
 MODEL_NAME = "demo-clip-tiny"
 DEFAULT_OUT = ASSET_DIR / "demo_clip.safetensors"
@@ -166,12 +168,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def save_safetensors_atomic(state: dict[str, Tensor], path: Path, dtype: torch.dtype = torch.float16) -> None:
     """Write a state dict as safetensors through a temporary file and an atomic rename."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "model": MODEL_NAME})
-    os.replace(tmp, path)
+    write_atomic(path, save(tensors, metadata={"format": "pt", "model": MODEL_NAME}))
 
 
 def pretrain_demo(
@@ -224,18 +224,12 @@ def pretrain_demo(
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        progress_frac = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.5 * lr * (1.0 + math.cos(math.pi * progress_frac))
-
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="pretrain demo-clip-tiny", disable=not progress)
     loss_value = float("nan")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr * warmup_cosine(step, steps, warmup_steps, "cosine")
         images, tokens, match = sample_batch(rng, batch_size, image_size, tokenizer)
         image_feats, text_feats, logit_scale = model(images, tokens)
         loss = multi_positive_clip_loss(image_feats, text_feats, logit_scale, match)
@@ -278,7 +272,5 @@ def pretrain_demo(
         "zero_shot_eval": {"seed": seed + 12345, "images_per_class": eval_per_class, "templates": world.ZERO_SHOT_TEMPLATES},
     }
     meta_path = out_path.with_suffix(".json")
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return meta

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +29,33 @@ class _Transformed(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         image, label = self.base[i]
         return self.transform(image), int(label)
+
+
+def keep_if_fits(batches: Iterable[tuple[Tensor, Tensor]], budget_bytes: float, keep: Callable[[Tensor, Tensor], None]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Pass ``(inputs, keys)`` batches through; after the last one, hand their
+    concatenation to ``keep`` when the inputs of all of them fit ``budget_bytes``.
+
+    The preprocessed-input cache of evaluation passes: the first pass reads and
+    transforms the data, later ones replay the kept tensors with :func:`replay_batches`.
+    """
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    size, fits = 0, True
+    for x, y in batches:
+        if fits:
+            size += x.numel() * x.element_size()
+            fits = size <= budget_bytes
+            xs.append(x)
+            ys.append(y)
+        yield x, y
+    if fits and xs:
+        keep(torch.cat(xs), torch.cat(ys))
+
+
+def replay_batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Kept inputs and keys again, ``batch_size`` at a time, in their order."""
+    for i in range(0, len(y), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -62,25 +89,16 @@ class TaskEvaluator:
             if b % self.dist.world == self.dist.rank:  # each process scores its share
                 yield x.to(device, non_blocking=True), y
 
-    def _batches(self, task_id: int) -> Any:
+    def _batches(self, task_id: int) -> Iterator[tuple[Tensor, Tensor]]:
         if task_id in self._cache:
-            x, y = self._cache[task_id]
-            for i in range(0, len(y), self.batch_size):
-                yield x[i : i + self.batch_size], y[i : i + self.batch_size]
-            return
-        loader = DataLoader(_Transformed(self.datasets[task_id], self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
-        xs, ys = [], []
-        keep = True
-        for x, y in loader:
-            if keep:
-                xs.append(x)
-                ys.append(y)
-                keep = self._cache_bytes + sum(t.numel() * t.element_size() for t in xs) <= self.cache_mb * 2**20
-            yield x, y
-        if keep and xs:
-            x, y = torch.cat(xs), torch.cat(ys)
+            return replay_batches(*self._cache[task_id], self.batch_size)
+
+        def keep(x: Tensor, y: Tensor) -> None:
             self._cache[task_id] = (x, y)
             self._cache_bytes += x.numel() * x.element_size()
+
+        loader = DataLoader(_Transformed(self.datasets[task_id], self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
+        return keep_if_fits(loader, self.cache_mb * 2**20 - self._cache_bytes, keep)
 
     @torch.no_grad()
     def accuracy(self, model: torch.nn.Module, task_id: int, vocab_task: int | None = None, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> float:

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.results import atomic_write_text, to_jsonable
+from cl_proxyfda.io import write_atomic
+from cl_proxyfda.results import to_jsonable
 from cl_proxyfda.tools.bench import FULL, SD15_UNET, BenchContext, BenchSizes, machine_info, measure_steps, strategy_presets, unet_images_per_second
 
 TARGET_SECONDS = 480
@@ -347,16 +349,13 @@ def resolve_check_device(device: str | None, tiny: bool) -> tuple[torch.device, 
     if device not in (None, "cuda", "cpu"):
         raise UserError(f"--device: must be cuda or cpu (got {device!r})")
     notes: list[str] = []
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device: cuda requested but no CUDA device is available")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            notes.append("no CUDA device: running on CPU")
-    if device == "cpu" and not tiny:
+    resolved = resolve_device(device or "auto", "--device")
+    if device is None and resolved.type == "cpu":
+        notes.append("no CUDA device: running on CPU")
+    if resolved.type == "cpu" and not tiny:
         tiny = True
         notes.append("CPU: --tiny implied (the full sizes need a GPU)")
-    return torch.device(device), tiny, notes
+    return resolved, tiny, notes
 
 
 def run_gpu_check(out: str | Path = "gpu_check", tiny: bool = False, device: str | None = None, command: str = "cl-proxyfda gpu-check",
@@ -395,8 +394,8 @@ def run_gpu_check(out: str | Path = "gpu_check", tiny: bool = False, device: str
         report["complete"] = all(p.status == "ok" for p in phases)
         report["failed"] = [p.name for p in phases if p.status == "failed"]
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "gpu_check.json", json.dumps(to_jsonable(report), indent=1))
-        atomic_write_text(out_dir / "gpu_check.md", report_markdown(report, phases))
+        write_atomic(out_dir / "gpu_check.json", json.dumps(to_jsonable(report), indent=1))
+        write_atomic(out_dir / "gpu_check.md", report_markdown(report, phases))
 
     with tempfile.TemporaryDirectory(prefix="clpfda-gpu-check-") as tmp_name:
         tmp = Path(tmp_name)

@@ -29,6 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
+# Text tables and heatmaps show the matrix for at most this many tasks (the CSV files
+# always hold every value).
+MAX_MATRIX_TASKS = 100
+
 __all__ = [
     "as_matrix",
     "experiences_done",

@@ -104,6 +104,24 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
     return model, preprocess_train, preprocess_eval, tokenizer
 
 
+def model_transforms(model: nn.Module) -> tuple[Callable, Callable]:
+    """The train and eval transforms of the task model's CLIP, rebuilt from its image
+    tower's preprocess config as open_clip builds them."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    clip = getattr(model, "clip", model)
+    cfg = getattr(clip.visual, "preprocess_cfg", None)
+    if cfg is None:
+        raise UserError("model: the image tower has no preprocess_cfg to build its eval transform from")
+    preprocess = PreprocessCfg(**cfg)
+    return image_transform_v2(preprocess, is_train=True), image_transform_v2(preprocess, is_train=False)
+
+
+def eval_transform(model: nn.Module) -> Callable:
+    """The eval transform of the task model's CLIP (:func:`model_transforms`)."""
+    return model_transforms(model)[1]
+
+
 @dataclass
 class TaskVocabulary:
     """Class names and prompt templates of one task (the task id indexes a list of these)."""

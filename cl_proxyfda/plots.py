@@ -1,40 +1,62 @@
 """PNG plots of a run: accuracy-matrix heatmap and stability-plasticity curves.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no change to
-the global backend). Every PNG is written atomically. Partial runs (fewer rows than
+the global backend). Every PNG is written atomically. The module imports no other
+part of the package than ``metrics`` and ``io``: plotting functions read a
+:class:`~cl_proxyfda.results.RunResults`-shaped object (its matrices, names and control
+values) and never reach back into ``results``. Partial runs (fewer rows than
 T + 1) render too: missing rows are left blank.
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cl_proxyfda import metrics
-from cl_proxyfda.results import MAX_MATRIX_TASKS, safe_name, atomic_write_bytes
+from cl_proxyfda.io import safe_name, write_atomic
+from cl_proxyfda.metrics import MAX_MATRIX_TASKS
 
-if TYPE_CHECKING:
-    from cl_proxyfda.results import RunResults
-
-__all__ = ["plot_accuracy_matrix", "plot_stability_plasticity", "render_all"]
+__all__ = ["plot_accuracy_matrix", "plot_stability_plasticity", "render_all", "save_png"]
 
 DPI = 110
 # Extra matrices that are accuracies in % (same 0..100 scale as the accuracy matrix).
 PERCENT_MATRICES = {"task_agnostic": "Task-agnostic accuracy (%, union vocabulary)"}
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+class RunData(Protocol):
+    """What the plots read of a run (:class:`cl_proxyfda.results.RunResults` has it)."""
+
+    task_names: list[str]
+    rows: list[list[float]]
+    control: list[float]
+    control_probe: list[float]
+    extra_matrices: dict[str, list[list[float]]]
+    meta: dict[str, Any]
+
+    @property
+    def num_tasks(self) -> int: ...
+    @property
+    def experiences_done(self) -> int: ...
+    @property
+    def complete(self) -> bool: ...
+    def matrix(self, name: str | None = None) -> np.ndarray: ...
+    def row_label(self, i: int) -> str: ...
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` on the Agg canvas and write it to ``path`` as PNG, atomically."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
-def plot_accuracy_matrix(results: "RunResults", path: str | Path, name: str | None = None) -> Path:
+def plot_accuracy_matrix(results: RunData, path: str | Path, name: str | None = None) -> Path:
     """Heatmap of the accuracy matrix (or extra matrix ``name``) with values.
 
     Rows 0..T (row 0 = zero-shot, rows not evaluated yet stay blank), one column per
@@ -85,10 +107,10 @@ def plot_accuracy_matrix(results: "RunResults", path: str | Path, name: str | No
     if not results.complete:
         title += f"  ({max(results.experiences_done, 0)}/{n_tasks} experiences)"
     ax.set_title(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
-def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
+def plot_stability_plasticity(results: RunData, path: str | Path) -> Path:
     """Per experience: accuracy on the task just learned (plasticity), mean accuracy on
     tasks seen so far, control retention (stability) and, with ``eval.control_probe``,
     the control set's probe accuracy on frozen image features, all in %."""
@@ -134,7 +156,7 @@ def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # Heatmaps grow with the task count (one labelled cell per row x task); past this many
@@ -142,7 +164,7 @@ def plot_stability_plasticity(results: "RunResults", path: str | Path) -> Path:
 MAX_HEATMAP_TASKS = MAX_MATRIX_TASKS
 
 
-def plot_files(results: "RunResults", run_dir: str | Path) -> list[Path]:
+def plot_files(results: RunData, run_dir: str | Path) -> list[Path]:
     """The PNG files :func:`render_all` writes for ``results`` into ``run_dir``."""
     run_dir = Path(run_dir)
     files = [run_dir / "stability_plasticity.png"]
@@ -152,7 +174,7 @@ def plot_files(results: "RunResults", run_dir: str | Path) -> list[Path]:
     return files
 
 
-def render_all(results: "RunResults", run_dir: str | Path) -> list[Path]:
+def render_all(results: RunData, run_dir: str | Path) -> list[Path]:
     """Write ``accuracy_matrix.png``, ``stability_plasticity.png`` and one
     ``<name>_matrix.png`` per extra matrix into ``run_dir``; returns their paths.
     Heatmaps are left out for more than :data:`MAX_HEATMAP_TASKS` tasks."""

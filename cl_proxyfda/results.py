@@ -1,7 +1,6 @@
 """The results of one run: the accuracy matrix row by row, saved as JSON + CSV.
 
-A run directory holds (all written atomically: temp file in the same folder, then
-``os.replace``):
+A run directory holds (all written atomically with :func:`cl_proxyfda.io.write_atomic`):
 
 - ``metrics.json``: every row, control accuracies, per-row diagnostics, extra matrices,
   the metric summary and run metadata;
@@ -17,9 +16,6 @@ import csv
 import io
 import json
 import math
-import os
-import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,13 +24,13 @@ import numpy as np
 
 from cl_proxyfda import metrics
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.io import safe_name, write_atomic
 from cl_proxyfda.ledger import format_ledger
+from cl_proxyfda.metrics import MAX_MATRIX_TASKS
 
 __all__ = [
     "RunResults",
     "report",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "METRICS_FILE",
     "MATRIX_CSV",
     "SUMMARY_TXT",
@@ -44,9 +40,6 @@ METRICS_FILE = "metrics.json"
 MATRIX_CSV = "accuracy_matrix.csv"
 SUMMARY_TXT = "summary.txt"
 FORMAT = "cl-proxyfda.results/1"
-# Text tables and heatmaps show the matrix for at most this many tasks (the CSV files
-# always hold every value).
-MAX_MATRIX_TASKS = 100
 EXTRA_SUMMARY_KEYS = (
     "transfer", "avg", "last", "bwt", "forgetting_avalanche", "forgetting_max", "plasticity",
 )
@@ -54,28 +47,6 @@ EXTRA_SUMMARY_KEYS = (
 EXTRA_TITLES = {
     "task_agnostic": "Task-agnostic accuracy (%, union of all tasks' classes, no task label)",
 }
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def to_jsonable(value: Any) -> Any:
@@ -99,10 +70,6 @@ def to_jsonable(value: Any) -> Any:
 
 def _float_or_nan(value: Any) -> float:
     return float("nan") if value is None else float(value)
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^\w\-]+", "_", name).strip("_") or "matrix"
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -317,12 +284,12 @@ class RunResults:
         """Write metrics.json, accuracy_matrix.csv, extra matrix CSVs and summary.txt."""
         run_dir = Path(run_dir)
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        written = [atomic_write_text(run_dir / METRICS_FILE, text)]
-        written.append(atomic_write_text(run_dir / MATRIX_CSV, self._matrix_csv(self.rows, True)))
+        written = [write_atomic(run_dir / METRICS_FILE, text)]
+        written.append(write_atomic(run_dir / MATRIX_CSV, self._matrix_csv(self.rows, True)))
         for name, rows in self.extra_matrices.items():
             path = run_dir / f"{safe_name(name)}_matrix.csv"
-            written.append(atomic_write_text(path, self._matrix_csv(rows, False)))
-        written.append(atomic_write_text(run_dir / SUMMARY_TXT, self.format_table() + "\n"))
+            written.append(write_atomic(path, self._matrix_csv(rows, False)))
+        written.append(write_atomic(run_dir / SUMMARY_TXT, self.format_table() + "\n"))
         return written
 
     @classmethod
@@ -492,6 +459,6 @@ def report(run_dir: str | Path) -> tuple[str, list[Path]]:
         if target.is_symlink() or (target.exists() and not target.is_file()):
             raise UserError(f"{target}: exists and is not a regular file; move it away to re-render the report")
     table = results.format_table()
-    written = [atomic_write_text(run_dir / SUMMARY_TXT, table + "\n")]
+    written = [write_atomic(run_dir / SUMMARY_TXT, table + "\n")]
     written.extend(plots.render_all(results, run_dir))
     return table, written

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
 import random
 import sys
 import time
@@ -28,9 +27,11 @@ from torch import nn
 
 from cl_proxyfda import checkpoint as ckpt
 from cl_proxyfda.config import RunConfig
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.distributed import DistContext, barrier, init_distributed
 from cl_proxyfda.errors import TrainingDiverged, UserError
 from cl_proxyfda.evaluation import TaskEvaluator
+from cl_proxyfda.io import write_atomic
 from cl_proxyfda.ledger import build_ledger, peak_rss_mb
 from cl_proxyfda.models import CLIPTaskModel, build_task_model
 from cl_proxyfda.probe import probe_row
@@ -47,14 +48,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -298,12 +291,6 @@ def _lock_run_folder(run: "Run") -> FolderLock | None:
     return lock
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -400,6 +387,7 @@ def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
 
     cfg, out = run.config, run.out_dir
     _check_out_dir(out, resume, cfg)  # again, now that no other run can write here
+    barrier()  # every process checked again before rank 0 writes config.yaml
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     ckpt_dir = out / "checkpoints"
@@ -414,7 +402,7 @@ def _execute_locked(run: Run, resume: bool, quiet: bool) -> Any:
     elif resume and run.dist.is_main and not quiet and any((out / n).exists() for n in ("metrics.json", "config.yaml", "checkpoints")):
         print(f"resume: no checkpoint in {ckpt_dir}; starting {out} again from the first experience", file=sys.stderr)
     if run.dist.is_main:
-        _write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.logger = _make_logger(run)
         _start_train_log(run, start)
     barrier()

@@ -11,9 +11,10 @@ that both use the same plan and the same cache folder:
 - :func:`ensure_plan` / :func:`load_plan`: generate what is missing (idempotent,
   resumable, sharded by rank) and read the pairs back.
 
-Also here: :func:`eval_transform` (the model's own eval transform, rebuilt from
-open_clip's preprocess config), :func:`seeded_batches` and :func:`keep_captured_features`,
-which the synthetic- and reference-data plugins (GIFT, ZSCL) share.
+Also here: :func:`keep_captured_features`, and (re-exported from their homes,
+:mod:`cl_proxyfda.models` and :mod:`cl_proxyfda.benchmarks.samplers`)
+:func:`eval_transform` and :func:`seeded_batches`, which the synthetic- and
+reference-data plugins (GIFT, ZSCL) share.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from cl_proxyfda.benchmarks.samplers import seeded_batches
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.generators.cache import SyntheticCache, SyntheticDataset, cache_folder, generator_id
 from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE, apply_template, build_prompt_pool, imagenet_base_concepts, sample_prompts
+from cl_proxyfda.models import eval_transform  # noqa: F401  (re-exported: the plugins import it from here)
 
 BaseConcepts = Literal["auto", "stream", "imagenet"] | list[str]
 DEFAULT_CACHE_SUBDIR = "synthetic"
@@ -229,17 +232,6 @@ def prepare_experience(
 
 
 # ------------------------------------------------------------ shared helpers
-def eval_transform(model: nn.Module) -> Callable:
-    """The eval transform of the task model's CLIP (as open_clip builds it)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    clip = getattr(model, "clip", model)
-    cfg = getattr(clip.visual, "preprocess_cfg", None)
-    if cfg is None:
-        raise UserError("model: the image tower has no preprocess_cfg to build its eval transform from")
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-
-
 class TransformedImages(Dataset):
     """``(transform(image), index)`` for datasets yielding ``(PIL image, anything)``."""
 
@@ -253,27 +245,6 @@ class TransformedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.base[i][0]
         return self.transform(image), i
-
-
-def seeded_batches(n_items: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless batches of indices: passes over seeded permutations of ``range(n_items)``.
-
-    A batch larger than what is left of a pass is completed from the next pass, so with
-    ``n_items < batch_size`` items repeat within a batch.
-    """
-    if n_items < 1 or batch_size < 1:
-        raise ValueError("seeded_batches needs n_items >= 1 and batch_size >= 1")
-    rng = np.random.default_rng(seed)
-    queue: list[int] = []
-    while True:
-        batch: list[int] = []
-        while len(batch) < batch_size:
-            if not queue:
-                queue = rng.permutation(n_items).tolist()
-            take = min(batch_size - len(batch), len(queue))
-            batch.extend(queue[:take])
-            del queue[:take]
-        yield batch
 
 
 class BatchPlan(torch.utils.data.Sampler):

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from avalanche.core import SupervisedPlugin
 
-from cl_proxyfda.results import atomic_write_text
+from cl_proxyfda.io import write_atomic
 
 __all__ = ["TRAIN_LOG", "FIXED_COLUMNS", "TrainLog", "read_train_log", "steps_before"]
 
@@ -87,7 +87,7 @@ class TrainLog(SupervisedPlugin):
         header, rows = read_train_log(self.path) if keep_experiences else ([], [])
         kept = [r for r in rows if r.get("experience", "").isdigit() and int(r["experience"]) <= (keep_experiences or 0)]
         self.columns = header if kept else []
-        atomic_write_text(self.path, _csv_text(self.columns, kept, header=True) if kept else "")
+        write_atomic(self.path, _csv_text(self.columns, kept, header=True) if kept else "")
         return self
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
@@ -95,7 +95,7 @@ class TrainLog(SupervisedPlugin):
         if new or not self.columns:
             _, old = read_train_log(self.path)
             self.columns = list(dict.fromkeys([*FIXED_COLUMNS, *self.columns, *new]))
-            atomic_write_text(self.path, _csv_text(self.columns, [*old, *rows], header=True))
+            write_atomic(self.path, _csv_text(self.columns, [*old, *rows], header=True))
             return
         data = _csv_text(self.columns, rows, header=False).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.io import write_atomic
 from cl_proxyfda.generators.base import ImageGenerator
 
 BLACK_THRESHOLD = 8
@@ -260,12 +261,7 @@ class SyntheticCache:
 
     def _write_atomic(self, path: Path, data: bytes, owner: str) -> None:
         """Write ``data`` to a temporary file of ``owner`` (``r{rank}of{world}``), then rename."""
-        tmp = path.parent / f"{self._TMP_PREFIX}{owner}-{os.getpid()}-{path.name}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data, tmp_name=f"{self._TMP_PREFIX}{owner}-{os.getpid()}-{path.name}")
 
     def _clean_own_temporaries(self, owner: str, everything: bool) -> None:
         """Remove temporaries a killed run of ``owner`` left (all of them when ``everything``)."""

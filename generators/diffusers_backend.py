@@ -24,6 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.generators.cache import BLACK_THRESHOLD, GeneratedBatch, is_near_black
 from cl_proxyfda.hub import fetch, hub_offline, pipeline_files
@@ -39,16 +40,6 @@ def scheduler_classes() -> dict[str, Any]:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     return {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"generator.device: unknown device {device!r}") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -97,7 +88,7 @@ class DiffusersGenerator:
         self.batch_size = int(batch_size)
         self.height = height
         self.width = width
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, "generator.device")
         self.dtype = resolve_dtype(dtype, self.device)
         self.drop_black = drop_black
         self.black_threshold = int(black_threshold)

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from matplotlib.image import imread
 
 from cl_proxyfda import plots
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.results import METRICS_FILE, RunResults, atomic_write_text, report
+from cl_proxyfda.results import METRICS_FILE, RunResults, report
 
 TASKS = ["aircraft", "caltech", "cifar"]
 ROWS = [[10.0, 20.0, 30.0], [60.0, 25.0, 31.0], [50.0, 70.0, 32.0], [40.0, 60.0, 80.0]]
@@ -154,11 +156,6 @@ def test_save_replaces_files_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_atomic_write_creates_parent_folders(tmp_path):
-    path = atomic_write_text(tmp_path / "a" / "b" / "x.txt", "hello")
-    assert path.read_text() == "hello"
-
-
 def test_load_errors_name_the_file(tmp_path):
     missing = tmp_path / "nothing_here"
     with pytest.raises(UserError, match="nothing_here/metrics.json"):
@@ -288,3 +285,10 @@ def test_eleven_tasks_stay_a_sensible_size(tmp_path):
         r.add_row(rng.uniform(0, 100, len(MTIL)).tolist(), control=rng.uniform(40, 60))
     for path in plots.render_all(r, tmp_path):
         check_png(path)
+
+
+@pytest.mark.parametrize("module,other", [("plots", "results"), ("results", "plots")])
+def test_results_and_plots_import_without_each_other(module, other):
+    code = f"import sys, cl_proxyfda.{module}; print('cl_proxyfda.{other}' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False"

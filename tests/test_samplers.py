@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler, RandomBatchSampler, class_mean_similarity
+from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler, RandomBatchSampler, class_mean_similarity, seeded_batches
 
 
 def grouped_targets(n_classes: int = 32, per_class: int = 10) -> np.ndarray:
@@ -121,6 +121,20 @@ def test_random_batch_sampler_covers_each_pass_without_replacement():
     assert first_pass != second_pass  # reshuffled per pass
     assert list(RandomBatchSampler(20, 5, 8, seed=0)) == batches
     assert list(RandomBatchSampler(20, 5, 8, seed=1)) != batches
+
+
+def test_seeded_batches_fill_a_short_pass_from_the_next_and_back_the_random_sampler():
+    batches = seeded_batches(n_items=3, batch_size=2, seed=5)
+    first = [next(batches) for _ in range(3)]  # 6 items = two full passes over 3
+    flat = [i for b in first for i in b]
+    assert sorted(flat[:3]) == sorted(flat[3:]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="n_items >= 1"):
+        next(seeded_batches(0, 2, 0))
+    # The random sampler's pass e is the start of the endless stream seeded (seed, e).
+    sampler = RandomBatchSampler(20, 5, 8, seed=3)
+    stream = [seeded_batches(20, 5, [3, e]) for e in range(2)]
+    for e in range(2):
+        assert list(sampler) == [next(stream[e]) for _ in range(8)]
 
 
 def test_hard_mining_is_hard_on_clip_like_class_similarities():

@@ -11,14 +11,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cl_proxyfda.device import resolve_device
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.io import write_atomic
 from cl_proxyfda.tools.bench.awc import awc_section
 from cl_proxyfda.tools.bench.context import DEMO_MODEL, DEMO_TAG, FULL, QUICK, TEST_MODEL, BenchContext, parse_sections
 from cl_proxyfda.tools.bench.evaluation import eval_section
 from cl_proxyfda.tools.bench.generation import generation_section
 from cl_proxyfda.tools.bench.gpu import gpu_section
 from cl_proxyfda.tools.bench.knn import knn_section
-from cl_proxyfda.tools.bench.report import Section, _write_atomic, machine_info, machine_line, report_markdown
+from cl_proxyfda.tools.bench.report import Section, machine_info, machine_line, report_markdown
 from cl_proxyfda.tools.bench.steps import steps_section
 
 
@@ -86,7 +88,7 @@ def run_bench(
     t_start = time.perf_counter()
     done: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="clpfda-bench-") as tmp:
-        ctx = BenchContext(sizes, model, pretrained, torch.device("cuda" if torch.cuda.is_available() else "cpu"), Path(tmp), say)
+        ctx = BenchContext(sizes, model, pretrained, resolve_device("auto"), Path(tmp), say)
         for name in names:
             say(f"[bench] {name} ...")
             t0 = time.perf_counter()
@@ -104,7 +106,7 @@ def run_bench(
     markdown = report_markdown(report, done)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / "bench.json", json.dumps(report, indent=1))
-        _write_atomic(out_dir / "bench.md", markdown)
+        write_atomic(out_dir / "bench.json", json.dumps(report, indent=1))
+        write_atomic(out_dir / "bench.md", markdown)
     report["markdown"] = markdown
     return report

@@ -129,7 +129,3 @@ def report_markdown(report: dict[str, Any], sections: Sequence[Section]) -> str:
     return "\n".join(head) + "\n" + "\n".join(section_markdown(s, report["machine_line"]) for s in sections)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
