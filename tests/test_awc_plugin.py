@@ -70,12 +70,15 @@ class GradientCheck(SupervisedPlugin):
             if term.detached:  # the value is in strategy.loss, the graph is not: put it back
                 full = full - term.loss.detach() + term.loss
         named = trainable_named_parameters(strategy)
-        grads = torch.autograd.grad(full, [p for _, p in named], retain_graph=True, allow_unused=True)
-        self._ref = [(p, torch.zeros_like(p) if g is None else g) for (_, p), g in zip(named, grads)]
         awc = next(p for p in strategy.plugins if getattr(p, "name", "") == "awc")
         from cl_proxyfda.losses.awc import awc_penalty
 
+        # the autograd reference of the penalty; the plugin adds only its value to the loss
+        # (its gradient goes into p.grad after backward): put the graph back
         pen = awc_penalty(named, awc.anchor, awc.tracker.importance, awc.effective_weight(strategy))
+        full = full - pen.detach() + pen
+        grads = torch.autograd.grad(full, [p for _, p in named], retain_graph=True, allow_unused=True)
+        self._ref = [(p, torch.zeros_like(p) if g is None else g) for (_, p), g in zip(named, grads)]
         pen_grads = torch.autograd.grad(pen, [p for _, p in named], allow_unused=True)
         self.awc_norms.append(sum(float(g.pow(2).sum()) for g in pen_grads if g is not None) ** 0.5)
 
