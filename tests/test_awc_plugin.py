@@ -219,3 +219,17 @@ def test_generic_hook_any_plugin_can_feed_awc(tmp_path, data_root):
     # backwards round differently where the two gradients cancel, hence 1e-5 here
     assert max(check.max_diff) < 1e-5 and min(check.norms) > 1e-4
     assert awc.loss_terms["awc"] > 0
+
+
+def test_penalty_gradient_is_added_after_backward_exactly(tmp_path, tiny_pipe, data_root, cache):
+    # A large weight makes the penalty's (analytic) gradient a large part of the update:
+    # p.grad must still equal the autograd gradient of the full loss, penalty included.
+    run = make_run(tmp_path, data_root, [gift_entry(tiny_pipe, cache), {"name": "awc", "weight": 0.05}], iterations=4, optimizer="sgd", lr=1e-3)
+    check = GradientCheck()
+    run.strategy.plugins.append(check)
+    execute(run, quiet=True)
+    awc = run.plugins[1]
+    assert max(check.max_diff) < 1e-6, check.max_diff
+    assert check.awc_norms[0] == 0.0
+    assert min(a / n for a, n in zip(check.awc_norms[1:], check.norms[1:])) > 0.3  # the penalty is a large part of the update (0.4-1 measured)
+    assert awc.loss_terms["awc"] > 0
