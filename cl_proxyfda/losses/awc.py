@@ -14,6 +14,9 @@ with the same lambda; AWC only redistributes it across the elements of each tens
 :class:`ImportanceTracker` holds the importance between iterations: ``adaptive`` (the
 default) re-estimates it at every iteration; ``static`` averages it over the first
 ``static_iterations`` updates and then freezes it, which gives an EWC-like penalty.
+
+:func:`awc_penalty` builds the penalty in autograd (the reference); the plugin uses
+:func:`awc_penalty_and_grad`, its value and analytic gradient with multi-tensor ops.
 """
 from __future__ import annotations
 
