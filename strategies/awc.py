@@ -15,7 +15,10 @@ sum of the terms published in the current iteration. AWC *claims* the terms it u
 added to ``strategy.loss`` detached (its value still counts), AWC computes
 ``g = autograd.grad(term, params)`` once for the importance and adds ``g`` into
 ``p.grad`` after the backward. So the update contains exactly ``grad(total loss)``
-while the synthetic graph is traversed once, not twice.
+while the synthetic graph is traversed once, not twice. The penalty itself enters
+``strategy.loss`` as a value only; its analytic gradient ``2 * lambda * F * (theta -
+theta_prev)`` is added to ``p.grad`` in ``after_backward`` too (multi-tensor ops, no
+per-tensor autograd graph).
 
 **[choice]** ``g`` is the gradient of the synthetic term *as it enters the loss*
 (``kd_weight * L_KD + ita_weight * L_ITA`` for GIFT, as in GIFT's official code); this
@@ -32,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.losses.awc import AWC_EPS, TINY_IMPORTANCE, ImportanceTracker, awc_penalty, importance_from_grads, snapshot
+from cl_proxyfda.losses.awc import AWC_EPS, TINY_IMPORTANCE, ImportanceTracker, awc_penalty_and_grad, importance_from_grads, snapshot
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
 from cl_proxyfda.strategies.base import CLPlugin
@@ -139,6 +142,7 @@ class AWCPlugin(CLPlugin):
     Params = AWCParams
     name = "awc"
     params: AWCParams
+    _penalty_grads: list[tuple[Tensor, Tensor]] = []  # (parameter, penalty gradient) of this iteration, replaced, never mutated
 
     def __init__(self, params: AWCParams | None = None, /, *, run: Any = None, **kwargs: Any) -> None:
         super().__init__(params, run=run, **kwargs)
@@ -173,6 +177,7 @@ class AWCPlugin(CLPlugin):
         reuse = self.params.reuse_gradient and self.tracker.needs_gradients
         claim_synthetic_gradients(strategy, self.sources if reuse else set())
         self._pending = []
+        self._penalty_grads = []
 
     def _synthetic_loss(self, strategy: Any) -> tuple[Tensor, list[SyntheticTerm]]:
         terms = current_synthetic_terms(strategy)
@@ -212,20 +217,23 @@ class AWCPlugin(CLPlugin):
         weight = self.effective_weight(strategy)
         if weight == 0:
             return
-        penalty = awc_penalty(named, self.anchor, self.tracker.importance, weight=weight)
-        self.loss_terms["awc"] = float(penalty.detach())
+        # The penalty enters the loss as a value only; its analytic gradient is added to
+        # p.grad in after_backward (no per-tensor graph). Like the reused synthetic
+        # gradient it is identical on every data-parallel rank (theta, anchor, F are).
+        penalty, grads = awc_penalty_and_grad(named, self.anchor, self.tracker.importance, weight=weight)
+        self.loss_terms["awc"] = float(penalty)
+        self._penalty_grads = [(p, g) for (_, p), g in zip(named, grads)]
         strategy.loss = strategy.loss + penalty
 
     def after_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self._pending:
             if not all(t.added and t.detached for t in self._claimed_terms):
                 raise RuntimeError("awc: a claimed synthetic term was not added detached; its gradient would be counted twice")
-            for p, g in self._pending:
-                if p.grad is None:
-                    p.grad = g.detach().clone()
-                else:
-                    p.grad.add_(g.detach())
+            _accumulate_grads(self._pending)
+        if self._penalty_grads:
+            _accumulate_grads(self._penalty_grads)
         self._pending = []
+        self._penalty_grads = []
         self._claimed_terms = []
         release_synthetic_terms(strategy)
 
@@ -238,6 +246,19 @@ class AWCPlugin(CLPlugin):
         self.anchor = None if anchor is None else {n: t.detach().clone() for n, t in anchor.items()}
         if state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
+
+
+def _accumulate_grads(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """``p.grad += g`` for every pair (one multi-tensor add; ``p.grad = g`` where it is None)."""
+    grads, adds = [], []
+    for p, g in pairs:
+        if p.grad is None:
+            p.grad = g.detach().to(p.dtype).clone()
+        else:
+            grads.append(p.grad)
+            adds.append(g.detach() if g.dtype == p.grad.dtype else g.detach().to(p.grad.dtype))
+    if grads:
+        torch._foreach_add_(grads, adds)
 
 
 def _all_reduce_mean(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

@@ -9,6 +9,7 @@ from cl_proxyfda.losses.awc import (
     TINY_IMPORTANCE,
     ImportanceTracker,
     awc_penalty,
+    awc_penalty_and_grad,
     importance_from_grads,
     importance_from_parameters,
     normalized_squared_gradient,
@@ -47,6 +48,64 @@ def test_zero_missing_and_logit_scale_gradients_give_the_tiny_constant_without_n
         assert torch.isfinite(f).all()
         assert torch.all(f == TINY_IMPORTANCE), name
     assert set(imp) == set(params)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_tensors_at_once_equal_the_per_tensor_formula(device):
+    # ~40 tensors of mixed sizes and scales, a zero one, a missing one, a non-finite one,
+    # logit_scale, and one of 2.4M elements (float32 sums of that many terms must not drift)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (16,), (3, 4, 4), (1,), (64, 32)] * 8 + [(2_400_000,)]
+    params = {f"t{i}": torch.zeros(s, device=device) for i, s in enumerate(shapes)}
+    grads = {n: (torch.randn(p.shape, generator=g) * 10.0 ** (i % 7 - 3)).to(device) for i, (n, p) in enumerate(params.items())}
+    grads["t1"] = torch.zeros(16, device=device)
+    grads["t2"] = None
+    grads["t3"] = torch.tensor([float("inf")], device=device)
+    params["visual.logit_scale"], grads["visual.logit_scale"] = torch.zeros((), device=device), torch.ones((), device=device)
+    imp = importance_from_grads(grads, params, eps=1e-20)
+    assert list(imp) == list(params)
+    for name, f in imp.items():
+        assert f.shape == params[name].shape and f.dtype == torch.float32 and f.device.type == device
+        grad = grads[name]
+        if name in ("t1", "t2", "t3", "visual.logit_scale"):
+            assert torch.all(f == TINY_IMPORTANCE), name
+            continue
+        sq = grad.double().pow(2)
+        expected = sq / (sq.mean() + 1e-20)
+        assert torch.allclose(f.double(), expected, rtol=2e-6, atol=0), name
+        assert f.double().mean().item() == pytest.approx(1.0, rel=2e-6), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_value_and_analytic_gradient_equal_autograd(device):
+    g = torch.Generator().manual_seed(4)
+    shapes = [(7, 5), (16,), (3, 4, 4), (1,), (64, 32)] * 6
+    named = [(f"t{i}", nn.Parameter(torch.randn(s, generator=g).to(device))) for i, s in enumerate(shapes)]
+    anchor = {n: (p.detach() + 0.1 * torch.randn(p.shape, generator=g).to(device)) for n, p in named}
+    importance = {n: torch.rand(p.shape, generator=g).to(device) * 3.0 for n, p in named}
+    importance["t0"] = torch.full((7, 5), TINY_IMPORTANCE, device=device)
+    for weight in (0.3, 25.0):
+        ref = awc_penalty(named, anchor, importance, weight=weight)
+        ref_grads = torch.autograd.grad(ref, [p for _, p in named])
+        value, grads = awc_penalty_and_grad(named, anchor, importance, weight=weight)
+        assert not value.requires_grad and not any(t.requires_grad for t in grads)
+        assert value.item() == pytest.approx(ref.item(), rel=1e-6)
+        assert len(grads) == len(named)
+        for (name, p), got, want in zip(named, grads, ref_grads):
+            assert got.shape == p.shape
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-7 * float(want.abs().max())), name
+    # the hand example of test_penalty_hand_example_and_gradient
+    theta = nn.Parameter(torch.tensor([1.0, 2.0, 4.0], device=device))
+    value, (grad,) = awc_penalty_and_grad([("t", theta)], {"t": torch.tensor([0.0, 2.0, 1.0], device=device)},
+                                          {"t": torch.tensor([2.0, 5.0, 0.5], device=device)}, weight=0.1)
+    assert value.item() == pytest.approx(0.65) and torch.allclose(grad.cpu(), torch.tensor([0.4, 0.0, 0.3]))
+    with pytest.raises(KeyError, match="has no anchor"):
+        awc_penalty_and_grad([("other", theta)], {"t": theta.detach()}, {"other": theta.detach()})
+    with pytest.raises(KeyError, match="has no importance"):
+        awc_penalty_and_grad([("t", theta)], {"t": theta.detach()}, {})
 
 
 def test_importance_from_a_real_backward():

@@ -70,12 +70,15 @@ class GradientCheck(SupervisedPlugin):
             if term.detached:  # the value is in strategy.loss, the graph is not: put it back
                 full = full - term.loss.detach() + term.loss
         named = trainable_named_parameters(strategy)
-        grads = torch.autograd.grad(full, [p for _, p in named], retain_graph=True, allow_unused=True)
-        self._ref = [(p, torch.zeros_like(p) if g is None else g) for (_, p), g in zip(named, grads)]
         awc = next(p for p in strategy.plugins if getattr(p, "name", "") == "awc")
         from cl_proxyfda.losses.awc import awc_penalty
 
+        # the autograd reference of the penalty; the plugin adds only its value to the loss
+        # (its gradient goes into p.grad after backward): put the graph back
         pen = awc_penalty(named, awc.anchor, awc.tracker.importance, awc.effective_weight(strategy))
+        full = full - pen.detach() + pen
+        grads = torch.autograd.grad(full, [p for _, p in named], retain_graph=True, allow_unused=True)
+        self._ref = [(p, torch.zeros_like(p) if g is None else g) for (_, p), g in zip(named, grads)]
         pen_grads = torch.autograd.grad(pen, [p for _, p in named], allow_unused=True)
         self.awc_norms.append(sum(float(g.pow(2).sum()) for g in pen_grads if g is not None) ** 0.5)
 
@@ -215,4 +218,18 @@ def test_generic_hook_any_plugin_can_feed_awc(tmp_path, data_root):
     # the term shares its graph with the task loss: one backward of the sum vs two summed
     # backwards round differently where the two gradients cancel, hence 1e-5 here
     assert max(check.max_diff) < 1e-5 and min(check.norms) > 1e-4
+    assert awc.loss_terms["awc"] > 0
+
+
+def test_penalty_gradient_is_added_after_backward_exactly(tmp_path, tiny_pipe, data_root, cache):
+    # A large weight makes the penalty's (analytic) gradient a large part of the update:
+    # p.grad must still equal the autograd gradient of the full loss, penalty included.
+    run = make_run(tmp_path, data_root, [gift_entry(tiny_pipe, cache), {"name": "awc", "weight": 0.05}], iterations=4, optimizer="sgd", lr=1e-3)
+    check = GradientCheck()
+    run.strategy.plugins.append(check)
+    execute(run, quiet=True)
+    awc = run.plugins[1]
+    assert max(check.max_diff) < 1e-6, check.max_diff
+    assert check.awc_norms[0] == 0.0
+    assert min(a / n for a, n in zip(check.awc_norms[1:], check.norms[1:])) > 0.3  # the penalty is a large part of the update (0.4-1 measured)
     assert awc.loss_terms["awc"] > 0

@@ -14,9 +14,13 @@ with the same lambda; AWC only redistributes it across the elements of each tens
 :class:`ImportanceTracker` holds the importance between iterations: ``adaptive`` (the
 default) re-estimates it at every iteration; ``static`` averages it over the first
 ``static_iterations`` updates and then freezes it, which gives an EWC-like penalty.
+
+:func:`awc_penalty` builds the penalty in autograd (the reference); the plugin uses
+:func:`awc_penalty_and_grad`, its value and analytic gradient with multi-tensor ops.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -41,13 +45,15 @@ def normalized_squared_gradient(grad: Tensor | None, like: Tensor, eps: float = 
     A missing gradient, an all-zero one or one with non-finite values gives the constant
     ``tiny`` (never NaN).
     """
-    if grad is None:
-        return torch.full(like.shape, tiny, dtype=torch.float32, device=like.device)
-    sq = grad.detach().float().pow(2)
-    mean = sq.mean()
-    if not bool(torch.isfinite(mean)) or float(mean) <= 0.0:
-        return torch.full(like.shape, tiny, dtype=torch.float32, device=like.device)
-    return sq / (mean + eps)
+    return importance_from_grads({"g": grad}, {"g": like}, eps, tiny, constant_names=())["g"]
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_counts(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The tensors' element counts on ``device`` (long, float32), made once per layout (no
+    host-to-device copy per iteration)."""
+    counts = torch.tensor(numels, dtype=torch.long, device=device)
+    return counts, counts.float()
 
 
 def importance_from_grads(
@@ -61,13 +67,34 @@ def importance_from_grads(
 
     ``grads`` maps names to gradients (``None`` or absent: no gradient), e.g. the output of
     ``torch.autograd.grad(..., allow_unused=True)`` zipped with the names.
+
+    Computed for all tensors at once (one flat float32 buffer, a few whole-buffer ops
+    whatever the number of tensors, no host synchronisation): the results are views of
+    that buffer, shaped like the parameters.
     """
     constant_names = tuple(constant_names)
-    out: dict[str, Tensor] = {}
-    for name, p in params.items():
+    names = list(params)
+    if not names:
+        return {}
+    flats: list[Tensor] = []
+    numels: list[int] = []
+    for name in names:
+        p = params[name]
         grad = None if _is_constant_name(name, constant_names) else grads.get(name)
-        out[name] = normalized_squared_gradient(grad, p, eps, tiny)
-    return out
+        numels.append(p.numel())
+        flats.append(p.new_zeros(p.numel(), dtype=torch.float32) if grad is None else grad.detach().reshape(-1).float())
+    sq = torch.cat(flats).square_()
+    counts, counts_f = _segment_counts(tuple(numels), sq.device)
+    parts = sq.split(numels)
+    # sum(g^2) per tensor: one fused multi-tensor reduction on CUDA (tree sums); on CPU
+    # _foreach_norm sums sequentially (1e-3 relative error at 2M elements), Tensor.sum does not
+    sums = torch._foreach_norm(list(parts), 1) if sq.is_cuda else [part.sum() for part in parts]
+    means = torch.stack(sums) / counts_f
+    usable = torch.isfinite(means) & (means > 0)  # else (no, zero or non-finite gradient): tiny
+    denom = torch.where(usable, means + eps, torch.ones_like(means))
+    total = sq.numel()
+    out = torch.where(usable.repeat_interleave(counts, output_size=total), sq.div_(denom.repeat_interleave(counts, output_size=total)), tiny)
+    return {name: v.view(params[name].shape) for name, v in zip(names, out.split(numels))}
 
 
 def importance_from_parameters(
@@ -107,6 +134,40 @@ def awc_penalty(
     if total is None:
         raise ValueError("awc_penalty got no parameters")
     return weight * total
+
+
+def awc_penalty_and_grad(
+    named_params: Iterable[tuple[str, Tensor]],
+    anchor: Mapping[str, Tensor],
+    importance: Mapping[str, Tensor],
+    weight: float = 1.0,
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`awc_penalty`'s value and its gradient, without autograd: the gradient is
+    analytic, ``2 * weight * F_n * (theta_n - anchor_n)`` for every parameter given.
+
+    Returns the value (a detached float32 scalar) and the gradients (float32, in the
+    order of ``named_params``), computed with multi-tensor ops (no per-tensor graph nodes,
+    no host synchronisation). Same errors as :func:`awc_penalty`.
+    """
+    named = list(named_params)
+    if not named:
+        raise ValueError("awc_penalty got no parameters")
+    params, anchors, imps = [], [], []
+    for name, p in named:
+        if name not in anchor or name not in importance:
+            missing = "anchor" if name not in anchor else "importance"
+            raise KeyError(f"awc_penalty: parameter {name!r} has no {missing}")
+        a, f = anchor[name], importance[name]
+        params.append(p.detach())
+        anchors.append(a if a.device == p.device and a.dtype == p.dtype else a.to(device=p.device, dtype=p.dtype))
+        imps.append(f if f.device == p.device else f.to(device=p.device))
+    diff = torch._foreach_sub(params, anchors)
+    if any(d.dtype != torch.float32 for d in diff):
+        diff = [d.float() for d in diff]
+    grads = torch._foreach_mul(diff, imps)  # F (theta - anchor)
+    value = weight * torch.cat([t.reshape(-1) for t in torch._foreach_mul(grads, diff)]).sum()
+    torch._foreach_mul_(grads, 2.0 * weight)
+    return value, grads
 
 
 class ImportanceTracker:
@@ -153,7 +214,11 @@ class ImportanceTracker:
             if set(fresh) != set(self.importance):
                 raise KeyError("ImportanceTracker.update: the parameter names changed between iterations")
             c = self.count
-            self.importance = {n: (self.importance[n] * c + fresh[n]) / (c + 1) for n in fresh}
+            names = list(fresh)
+            mean = torch._foreach_mul([self.importance[n] for n in names], c)  # (mean * c + fresh) / (c + 1)
+            torch._foreach_add_(mean, [fresh[n] for n in names])
+            torch._foreach_div_(mean, c + 1)
+            self.importance = dict(zip(names, mean))
         self.count += 1
         return self.importance
 
