@@ -106,8 +106,8 @@ def steps_section(ctx: BenchContext) -> Section:
     section.notes += [
         "teacher fwd % = time in frozen-teacher image forwards during the step (TeacherBank's, and those GIFT and ZSCL run "
         "themselves); LwF's previous model is Avalanche's own and is not counted.",
-        "'teacher from cache': the runner's sampler indices of each batch are recorded and the pretrained teacher's embeddings "
-        "are served from a per-experience table (bench-side IndexedTeacherBank, see cl_proxyfda/tools/bench/cached_teacher.py); core has no such option.",
+        "'teacher from cache': the run uses train.teacher_table (augment off): the pretrained teacher's final embeddings of "
+        "each experience's training images are computed once and served by the dataset indices each batch carries.",
         "wiseft works only at the end of an experience: its ratio, like the second naive run's, shows the measurement noise.",
         "ewc and lwf (Avalanche's plugins) cost more with every experience seen: the bench re-trains the 2nd experience, so they "
         "see 1 earlier experience in the first timed call and 2 from the second on. Avalanche's EWC sums its penalty over every "
