@@ -255,7 +255,7 @@ class TransformedImages(Dataset):
         return self.transform(image), i
 
 
-def seeded_batches(n_items: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+def seeded_batches(n_items: int, batch_size: int, seed: int | Sequence[int]) -> Iterator[list[int]]:
     """Endless batches of indices: passes over seeded permutations of ``range(n_items)``.
 
     A batch larger than what is left of a pass is completed from the next pass, so with
@@ -279,7 +279,7 @@ def seeded_batches(n_items: int, batch_size: int, seed: int) -> Iterator[list[in
 class BatchPlan(torch.utils.data.Sampler):
     """A finite batch sampler over :func:`seeded_batches` (``iterations`` batches)."""
 
-    def __init__(self, n_items: int, batch_size: int, iterations: int, seed: int) -> None:
+    def __init__(self, n_items: int, batch_size: int, iterations: int, seed: int | Sequence[int]) -> None:
         self.n_items, self.batch_size, self.iterations, self.seed = n_items, batch_size, iterations, seed
 
     def __len__(self) -> int:
