@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
+from cl_proxyfda.benchmarks.samplers import RandomBatchSampler
 from cl_proxyfda.config import parse_config
+from cl_proxyfda.distributed import DistContext
 from cl_proxyfda.runner import build_run, execute
+from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies import infusing as infusing_module
 from cl_proxyfda import synthetic
+from cl_proxyfda.synthetic import seeded_batches
 from conftest import tiny_config
 
 
@@ -93,3 +98,87 @@ def test_infusing_generic_batches_are_pinned(tmp_path, data_root, reads):
     execute(run, quiet=True)
     # the pre-trained targets of the 16 images once, then 3 generic batches of 5 per experience
     assert reads == INFUSING_PINNED
+
+
+# ------------------------------------------------------------- the helpers alone
+class Numbers(Dataset):
+    """``(tensor([i]), i)`` for i < n."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), i
+
+
+def draw(batches: SideBatches, k: int) -> list[list[int]]:
+    out = []
+    for _ in range(k):
+        x, index = batches.next()
+        assert x[:, 0].tolist() == [float(i) for i in index.tolist()]  # the items of those indices
+        out.append(index.tolist())
+    return out
+
+
+def test_side_batches_follow_the_seeded_plan_and_repeat_it_after_period():
+    plan = seeded_batches(7, 3, 11)
+    expected = [next(plan) for _ in range(4)]
+    batches = SideBatches(Numbers(7), 3, 11, period=4)
+    got = draw(batches, 10)
+    assert got[:4] == expected
+    assert got[4:8] == expected and got[8:] == expected[:2]  # endless: the plan again
+    assert batches.drawn == 10
+    assert sorted(sum(expected, [])[:7]) == list(range(7))  # the first pass is a permutation
+    assert draw(SideBatches(Numbers(7), 3, 11, period=4), 4) == expected  # seeded
+    assert draw(SideBatches(Numbers(7), 3, 12, period=4), 4) != expected
+
+
+def test_sequence_seed_reproduces_the_random_batch_sampler():
+    """Infusing's ``[seed, 0]``: the batches its RandomBatchSampler(seed) gave."""
+    assert draw(SideBatches(Numbers(9), 4, [5, 0], period=6), 6) == list(RandomBatchSampler(9, 4, 6, seed=5))
+
+
+def test_each_rank_gets_a_disjoint_share_of_every_global_batch():
+    whole = draw(SideBatches(Numbers(10), 6, 3, period=5), 5)
+    shares = [draw(SideBatches(Numbers(10), 6, 3, period=5, dist=DistContext(rank=r, world=3, local_rank=r)), 5) for r in range(3)]
+    for k, batch in enumerate(whole):
+        assert [len(s[k]) for s in shares] == [2, 2, 2]
+        assert shares[0][k] + shares[1][k] + shares[2][k] == batch  # contiguous, disjoint, complete
+
+
+def test_close_stops_the_batches():
+    batches = SideBatches(Numbers(3), 2, 0, period=1)
+    batches.next()
+    batches.close()
+    with pytest.raises(RuntimeError):
+        batches.next()
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(1, 2)
+        self.calls = 0
+
+    def encode_image(self, x):
+        self.calls += 1
+        return self.proj(x)
+
+
+def test_embed_images_in_dataset_order_and_counts_forwards():
+    torch.manual_seed(0)
+    enc = Encoder()
+    out, forwards = embed_images(enc, Numbers(7), 3)
+    assert forwards == enc.calls == 3  # ceil(7 / 3)
+    with torch.no_grad():
+        expected = enc.proj(torch.arange(7, dtype=torch.float32)[:, None])
+    assert out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    state = torch.get_rng_state()
+    embed_images(enc, Numbers(7), 3, out_device="cpu", generator=torch.Generator())
+    assert torch.equal(torch.get_rng_state(), state)  # an own generator leaves the global RNG alone
+    embed_images(enc, Numbers(7), 3)
+    assert not torch.equal(torch.get_rng_state(), state)  # the loader's base seed, as before
