@@ -12,8 +12,9 @@ that both use the same plan and the same cache folder:
   resumable, sharded by rank) and read the pairs back.
 
 Also here: :func:`eval_transform` (the model's own eval transform, rebuilt from
-open_clip's preprocess config), :func:`seeded_batches` and :func:`keep_captured_features`,
-which the synthetic- and reference-data plugins (GIFT, ZSCL) share.
+open_clip's preprocess config), :func:`seeded_batches` (the index plan of
+:class:`cl_proxyfda.side_data.SideBatches`) and :func:`keep_captured_features`, which the
+side-data plugins (GIFT, ZSCL, Infusing) share.
 """
 from __future__ import annotations
 
