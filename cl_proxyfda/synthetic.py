@@ -13,8 +13,9 @@ that both use the same plan and the same cache folder:
 
 Also here: :func:`keep_captured_features`, and (re-exported from their homes,
 :mod:`cl_proxyfda.models` and :mod:`cl_proxyfda.benchmarks.samplers`)
-:func:`eval_transform` and :func:`seeded_batches`, which the synthetic- and
-reference-data plugins (GIFT, ZSCL) share.
+:func:`eval_transform` and :func:`seeded_batches` (the index plan of
+:class:`cl_proxyfda.side_data.SideBatches`), which the side-data plugins (GIFT, ZSCL,
+Infusing) share.
 """
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ class TransformedImages(Dataset):
 class BatchPlan(torch.utils.data.Sampler):
     """A finite batch sampler over :func:`seeded_batches` (``iterations`` batches)."""
 
-    def __init__(self, n_items: int, batch_size: int, iterations: int, seed: int) -> None:
+    def __init__(self, n_items: int, batch_size: int, iterations: int, seed: int | Sequence[int]) -> None:
         self.n_items, self.batch_size, self.iterations, self.seed = n_items, batch_size, iterations, seed
 
     def __len__(self) -> int:

@@ -38,10 +38,10 @@ from cl_proxyfda.losses.gift import (
 )
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.awc import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
+from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     BaseConcepts,
-    BatchPlan,
     SyntheticPlan,
     SyntheticSpec,
     TransformedImages,
@@ -168,8 +168,7 @@ class GIFTPlugin(CLPlugin):
         self._teacher_image: Tensor | None = None
         self._teacher_text: Tensor | None = None
         self._student_text: Tensor | None = None
-        self._batches: Any = None
-        self._loader: Any = None
+        self._batches: SideBatches | None = None
         # counters (tests, benchmarks)
         self.teacher_image_forwards = 0
         self.teacher_text_forwards = 0
@@ -201,11 +200,9 @@ class GIFTPlugin(CLPlugin):
         if self._transform is None:
             self._transform = eval_transform(model)
         self._images = TransformedImages(dataset, self._transform)
-        steps = max(1, int(strategy.total_steps))
-        sampler = BatchPlan(len(dataset), self.params.synthetic_batch_size, steps, derived_seed(self.run_seed, index, 7))
-        loader = torch.utils.data.DataLoader(self._images, batch_sampler=sampler, num_workers=self.workers, pin_memory=strategy.device.type == "cuda")
-        self._batches = iter(loader)
-        self._loader = loader
+        seed = derived_seed(self.run_seed, index, 7)
+        steps = int(strategy.total_steps)
+        self._batches = SideBatches(self._images, self.params.synthetic_batch_size, seed, self.workers, period=steps, device=strategy.device)
         teacher = bank.get(strategy.model, "previous")
         self._teacher_image = self._encode_all_images(teacher, strategy) if self.params.cache_teacher else None
         with torch.no_grad():
@@ -225,28 +222,16 @@ class GIFTPlugin(CLPlugin):
     def _encode_all_images(self, teacher: Any, strategy: Any) -> Tensor:
         """The teacher's embeddings of the whole synthetic set, in dataset order."""
         assert self._images is not None
-        loader = torch.utils.data.DataLoader(self._images, batch_size=self.params.synthetic_batch_size, shuffle=False, num_workers=self.workers)
-        dtype = next(teacher.parameters()).dtype
-        out = []
-        with torch.no_grad():
-            for x, _ in loader:
-                out.append(teacher.encode_image(x.to(strategy.device, dtype)).float())
-                self.teacher_image_forwards += 1
-        return torch.cat(out)
-
-    def _next_batch(self) -> tuple[Tensor, Tensor]:
-        try:
-            return next(self._batches)
-        except StopIteration:  # more iterations than planned: start another pass
-            self._batches = iter(self._loader)
-            return next(self._batches)
+        out, forwards = embed_images(teacher, self._images, self.params.synthetic_batch_size, self.workers)
+        self.teacher_image_forwards += forwards
+        return out
 
     # ------------------------------------------------------------- iteration
     def synthetic_losses(self, strategy: Any) -> tuple[Tensor, Tensor]:
         """``(L_KD, L_ITA)`` on the next synthetic batch (student graph kept)."""
         model = unwrap(strategy.model)
-        x, idx = self._next_batch()
-        x = x.to(strategy.device, non_blocking=True)
+        assert self._batches is not None
+        x, idx = self._batches.next()  # more iterations than planned: the plan starts again
         assert self._prompt_ids is not None and self._teacher_text is not None
         pids = self._prompt_ids[idx]
         teacher = teacher_bank(strategy).get(strategy.model, "previous")
@@ -285,8 +270,9 @@ class GIFTPlugin(CLPlugin):
         release_synthetic_terms(strategy)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self._batches is not None:
+            self._batches.close()
         self._batches = None
-        self._loader = None
         self._images = None
         self._teacher_image = None
         self._teacher_text = None

@@ -56,7 +56,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cl_proxyfda.distributed import ShardedBatches
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.losses.infusing import (
     cosine_classifier_ce,
@@ -67,10 +66,10 @@ from cl_proxyfda.losses.infusing import (
     per_tensor_mean_l2,
 )
 from cl_proxyfda.registry import STRATEGIES
+from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.anchors import AnchoredPenaltyPlugin, trainable_named_parameters
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.teacher import student_outputs, teacher_bank, unwrap
-from cl_proxyfda.benchmarks.samplers import RandomBatchSampler
 
 SOURCES = ("downstream", "generic")
 
@@ -552,7 +551,7 @@ class GenericDistillPlugin(CLPlugin):
         self.targets: Tensor | None = None
         self.target_batches = 0  # teacher forwards spent on the targets (once per run)
         self.counts = {"downstream": 0, "generic": 0}
-        self._batches: Any = None
+        self._batches: SideBatches | None = None
         self._pos: Tensor | None = None
         self._x: Tensor | None = None
         self._eval_transform: Callable | None = None
@@ -563,13 +562,9 @@ class GenericDistillPlugin(CLPlugin):
         teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
         _, eval_transform = model_transforms(strategy.model)
         data = IndexedImages(self.generic, self.items, range(len(self.items)), eval_transform)
-        param = next(teacher.parameters())
-        chunks = []
-        with torch.no_grad():
-            for x, _ in _loader(data, self.eval_batch_size, self.workers):
-                chunks.append(teacher.encode_image(x.to(param.device, param.dtype)).float().cpu())
-                self.target_batches += 1
-        out = torch.cat(chunks)
+        # own generator: the targets must not consume the global RNG
+        out, forwards = embed_images(teacher, data, self.eval_batch_size, self.workers, out_device="cpu", generator=torch.Generator())
+        self.target_batches += forwards
         self.targets = out
         if self.weight_option is None:
             self.weight = distill_weight_for_dim(out.shape[1])
@@ -596,11 +591,10 @@ class GenericDistillPlugin(CLPlugin):
         data = IndexedImages(self.generic, self.items, self.train_pos, train_transform if self.augment else eval_transform)
         steps = getattr(strategy, "total_steps", 0) or 2**31 - 1
         seed = self.seed * 1_000_003 + 7919 + int(getattr(strategy, "experience_index", task_id_of(strategy)))
-        sampler: Any = RandomBatchSampler(len(data), self.batch_size, steps, seed)
+        # [seed, 0]: the stream RandomBatchSampler(seed) drew at its first pass; each process
+        # takes its slice of the global batch
         dist = getattr(strategy, "dist", None)
-        if dist is not None and dist.enabled:  # each process takes its slice of the global batch
-            sampler = ShardedBatches(sampler, dist)
-        self._batches = iter(DataLoader(data, batch_sampler=sampler, num_workers=self.workers, pin_memory=strategy.device.type == "cuda"))
+        self._batches = SideBatches(data, self.batch_size, [seed, 0], self.workers, period=steps, dist=dist, device=strategy.device)
         self.counts = {"downstream": 0, "generic": 0}
 
     def _is_generic(self, strategy: Any) -> bool:
@@ -613,8 +607,8 @@ class GenericDistillPlugin(CLPlugin):
         crit.source = "generic" if generic else "downstream"
         self.counts[crit.source] += 1
         if generic or self.mode == "joint":
-            x, pos = next(self._batches)
-            x = x.to(strategy.device, non_blocking=True)
+            assert self._batches is not None
+            x, pos = self._batches.next()
             self._pos = pos
             self._x = x
         if generic:
@@ -638,7 +632,9 @@ class GenericDistillPlugin(CLPlugin):
         strategy.loss = strategy.loss + self.weight * loss
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        self._batches = None  # stops loader workers
+        if self._batches is not None:
+            self._batches.close()  # stops loader workers
+        self._batches = None
         self._x = self._pos = None
         source_criterion(strategy).source = "downstream"
 

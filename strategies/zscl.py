@@ -71,6 +71,7 @@ from cl_proxyfda.losses.regularizers import l2_to_anchor
 from cl_proxyfda.losses.zscl import WEIGHT_ENSEMBLE_EVERY, ZSCL_TEMPERATURE, WeightEnsemble, zscl_distillation
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
+from cl_proxyfda.side_data import SideBatches
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     TransformedImages,
@@ -78,7 +79,6 @@ from cl_proxyfda.synthetic import (
     derived_seed,
     eval_transform,
     keep_captured_features,
-    seeded_batches,
 )
 from cl_proxyfda.teacher import teacher_bank, unwrap
 
@@ -190,8 +190,7 @@ class ZSCLPlugin(CLPlugin):
         self.ensemble: WeightEnsemble | None = None
         self.iteration = 0
         self._teacher_text: Tensor | None = None
-        self._batches: Any = None
-        self._loader: Any = None
+        self._batches: SideBatches | None = None
         self._text_rng: np.random.Generator | None = None
         self.teacher_text_forwards = 0
 
@@ -221,27 +220,17 @@ class ZSCLPlugin(CLPlugin):
         self.iteration = 0
         index = strategy.experience_index
         data = TransformedImages(self.images, eval_transform(unwrap(strategy.model)))
-        steps = max(1, int(strategy.total_steps))
-        batches = seeded_batches(len(data), self.params.batch_size, derived_seed(self.seed, index, 11))
-        sampler = [next(batches) for _ in range(steps)]
-        self._loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=self.workers)
-        self._batches = iter(self._loader)
+        seed = derived_seed(self.seed, index, 11)
+        self._batches = SideBatches(data, self.params.batch_size, seed, self.workers, period=int(strategy.total_steps), device=strategy.device)
         self._text_rng = np.random.default_rng(derived_seed(self.seed, index, 12))
-
-    def _next_images(self) -> Tensor:
-        try:
-            x, _ = next(self._batches)
-        except StopIteration:
-            self._batches = iter(self._loader)
-            x, _ = next(self._batches)
-        return x
 
     def distillation_loss(self, strategy: Any) -> Tensor:
         """The reference-logit distillation on the next reference batch."""
         model = unwrap(strategy.model)
         teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
         assert self._teacher_text is not None and self._text_rng is not None
-        x = self._next_images().to(strategy.device)
+        assert self._batches is not None
+        x, _ = self._batches.next()  # after total_steps batches the plan starts again
         texts, teacher_text = self.texts, self._teacher_text
         if self.n_texts < len(self.texts):
             pick = np.sort(self._text_rng.choice(len(self.texts), size=self.n_texts, replace=False))
@@ -277,6 +266,9 @@ class ZSCLPlugin(CLPlugin):
             self.ensemble.update(trainable_named_parameters(strategy))
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        if self._batches is not None:
+            self._batches.close()
+        self._batches = None
         if self.ensemble is None:
             return
         params = dict(trainable_named_parameters(strategy))
@@ -284,7 +276,6 @@ class ZSCLPlugin(CLPlugin):
             for name, avg in self.ensemble.average.items():
                 params[name].copy_(avg.to(params[name].dtype))
         unwrap(strategy.model).text_changed()
-        self._batches = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,95 @@
+"""Side data shared by the plugins that train on images besides the task's own batches
+(GIFT's synthetic set, ZSCL's reference images, Infusing's generic images):
+
+- :class:`SideBatches`: seeded, endless ``(x, index)`` batches of a fixed dataset. The
+  index plan is :func:`cl_proxyfda.synthetic.seeded_batches` (passes over seeded
+  permutations) for ``period`` batches, then the same ``period`` batches again; under
+  ``torch.distributed`` each process takes its contiguous share of every global batch
+  (:class:`cl_proxyfda.distributed.ShardedBatches`);
+- :func:`embed_images`: a frozen encoder's embeddings of a whole fixed set, in dataset
+  order (the teacher table a plugin computes once).
+
+The position in the plan is not checkpointed: every plugin rebuilds its batches at the
+start of an experience, which is where a run resumes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from cl_proxyfda.distributed import DistContext, ShardedBatches
+from cl_proxyfda.synthetic import BatchPlan
+
+
+class SideBatches:
+    """``next()`` gives the next ``(x, index)`` batch forever: ``x`` on ``device``,
+    ``index`` (dataset positions, CPU) for per-item tables.
+
+    ``seed`` seeds numpy's generator (an int or a sequence of ints); the plan is
+    ``period`` global batches of ``batch_size``, repeated. With ``dist`` enabled each
+    process gets items ``rank * B / world`` to ``(rank + 1) * B / world`` of every batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int | Sequence[int],
+        workers: int = 0,
+        *,
+        period: int,
+        dist: DistContext | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        sampler: Any = BatchPlan(len(dataset), batch_size, max(1, int(period)), seed)  # type: ignore[arg-type]
+        if dist is not None and dist.enabled:
+            sampler = ShardedBatches(sampler, dist)
+        self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=self.device.type == "cuda")
+        # started now, as the plugins always did: the loader draws its base seed from the
+        # global torch RNG here, not at the first batch
+        self._batches: Any = iter(self.loader)
+        self.drawn = 0  # batches handed out so far
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        """The next batch; after ``period`` batches the plan starts again."""
+        if self._batches is None:
+            raise RuntimeError("SideBatches.next() after close()")
+        try:
+            x, index = next(self._batches)
+        except StopIteration:
+            self._batches = iter(self.loader)
+            x, index = next(self._batches)
+        self.drawn += 1
+        return x.to(self.device, non_blocking=True), torch.as_tensor(index)
+
+    def close(self) -> None:
+        """Drop the running iterator (stops loader workers)."""
+        self._batches = None
+
+
+def embed_images(
+    encoder: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    workers: int = 0,
+    *,
+    out_device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, int]:
+    """``(embeddings, forwards)``: ``encoder.encode_image`` of every ``(x, ...)`` item of
+    ``dataset`` in order (float, no gradient), on the encoder's device or ``out_device``,
+    and the number of encoder forwards. ``generator``: the loader's own generator (else
+    the loader draws its base seed from the global torch RNG)."""
+    param = next(encoder.parameters())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, generator=generator)
+    out, forwards = [], 0
+    with torch.no_grad():
+        for batch in loader:
+            e = encoder.encode_image(batch[0].to(param.device, param.dtype)).float()  # type: ignore[operator]
+            out.append(e if out_device is None else e.to(out_device))
+            forwards += 1
+    return torch.cat(out), forwards
