@@ -157,10 +157,10 @@ README_SWAPS = {
 
 
 def readme_python_block() -> str:
-    """The README's one ``python`` code block (the plugin composition example)."""
+    """The README's ``python`` block that composes plugins on a SupervisedTemplate."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-    assert len(blocks) == 1, f"expected one python block in README.md, found {len(blocks)}"
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "SupervisedTemplate(" in b]
+    assert len(blocks) == 1, f"expected one python block composing a SupervisedTemplate in README.md, found {len(blocks)}"
     return blocks[0]
 
 
@@ -241,3 +241,21 @@ def test_saved_config_is_resolved_with_component_defaults(tmp_path, tiny_stream_
     assert implicit.to_dict()["strategies"] == explicit.to_dict()["strategies"] == [{"name": "l2sp", "weight": 0.5, "anchor": "pretrained"}]
     assert implicit.to_dict()["stream"]["verify_images"] is True
     assert parse_config(implicit.to_dict()).to_dict() == implicit.to_dict()  # round-trips through the schema
+
+
+def test_readme_new_method_example_registers_a_plugin(monkeypatch):
+    """The README's 'add a method' block, run against a fresh registry (the real one stays as it is)."""
+    from cl_proxyfda import registry
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "STRATEGIES.register(" in b]
+    assert len(blocks) == 1
+    fresh = registry.Registry("strategy")
+    monkeypatch.setattr(registry, "STRATEGIES", fresh)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md:python", "exec"), namespace)
+    assert fresh.names() == ["my_method"]
+    plugin = fresh.build("my_method", {"weight": 2.0})
+    assert plugin.params.weight == 2.0 and plugin.name == "my_method"
+    with pytest.raises(Exception, match="greater than or equal to 0"):
+        namespace["MyPlugin"](weight=-1.0)
