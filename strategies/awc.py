@@ -1,4 +1,4 @@
-"""AWC: adaptive weight consolidation (docs/methods.md section 3), and the synthetic-loss hook.
+"""AWC: adaptive weight consolidation (docs/methods.md section 3).
 
 ``L_AWC = lambda * sum_n sum(F_n * (theta_n - theta_prev_n)^2)`` with ``theta_prev`` the
 trainable parameters at the start of the experience and ``F_n = g_n^2 / (mean(g_n^2) +
@@ -6,12 +6,9 @@ eps)``, where ``g`` is the gradient of the synthetic-data losses at the current
 parameters, re-estimated at every iteration (``adaptive``) or averaged over the first
 ``static_iterations`` iterations and then frozen (``static``, EWC-like).
 
-**The synthetic-loss hook.** A plugin with a loss on synthetic data publishes it with
-:func:`publish_synthetic_loss` (in ``after_forward``, so that every plugin's
-``before_backward`` sees it whatever the plugin order) and adds it to the total loss with
-:func:`add_synthetic_loss` (in ``before_backward``). ``strategy.synthetic_loss`` holds the
-sum of the terms published in the current iteration. AWC *claims* the terms it uses
-(:func:`claim_synthetic_gradients`, in ``before_training_iteration``); a claimed term is
+**The synthetic losses** come through the channel of :mod:`.synthetic_terms` (GIFT
+publishes, AWC consumes; neither owns it). AWC *claims* the terms it uses
+(``claim_synthetic_gradients``, in ``before_training_iteration``); a claimed term is
 added to ``strategy.loss`` detached (its value still counts), AWC computes
 ``g = autograd.grad(term, params)`` once for the importance and adds ``g`` into
 ``p.grad`` after the backward. So the update contains exactly ``grad(total loss)``
@@ -27,7 +24,6 @@ the ratio of the two weights matters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -39,82 +35,13 @@ from cl_proxyfda.losses.awc import AWC_EPS, TINY_IMPORTANCE, ImportanceTracker, 
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
 from cl_proxyfda.strategies.base import CLPlugin
-
-ALL_SOURCES = "*"
-
-
-# ------------------------------------------------------------------------ hook
-@dataclass
-class SyntheticTerm:
-    """One published synthetic loss of the current iteration."""
-
-    loss: Tensor | None
-    stamp: Any
-    claimed: bool = False
-    added: bool = False
-    detached: bool = False
-
-
-def _stamp(strategy: Any) -> Any:
-    """Identifies the current training iteration."""
-    return (strategy.clock.train_iterations, id(strategy.mbatch))
-
-
-def _terms(strategy: Any) -> dict[str, SyntheticTerm]:
-    terms = getattr(strategy, "synthetic_terms", None)
-    if terms is None:
-        terms = {}
-        strategy.synthetic_terms = terms
-    return terms
-
-
-def _claims(strategy: Any) -> set[str]:
-    return set(getattr(strategy, "synthetic_claims", ()) or ())
-
-
-def claim_synthetic_gradients(strategy: Any, sources: set[str]) -> None:
-    """Declare (for this iteration) that the gradient of these sources' terms is added by
-    the caller after backward; ``{"*"}`` claims every source, an empty set none."""
-    strategy.synthetic_claims = set(sources)
-
-
-def current_synthetic_terms(strategy: Any) -> dict[str, SyntheticTerm]:
-    """The terms published in the current iteration, by source name."""
-    stamp = _stamp(strategy)
-    return {name: t for name, t in _terms(strategy).items() if t.stamp == stamp and t.loss is not None}
-
-
-def publish_synthetic_loss(strategy: Any, source: str, loss: Tensor) -> None:
-    """Publish ``loss`` (a scalar with its graph) as ``source``'s synthetic term of this
-    iteration; ``strategy.synthetic_loss`` becomes the sum of this iteration's terms."""
-    claims = _claims(strategy)
-    _terms(strategy)[source] = SyntheticTerm(loss, _stamp(strategy), claimed=source in claims or ALL_SOURCES in claims)
-    current = list(current_synthetic_terms(strategy).values())
-    total = current[0].loss
-    for t in current[1:]:
-        total = total + t.loss
-    strategy.synthetic_loss = total
-
-
-def add_synthetic_loss(strategy: Any, source: str) -> Tensor | None:
-    """Add ``source``'s published term to ``strategy.loss``: detached when a consumer
-    claimed its gradient, with its graph otherwise. Returns the term (or None)."""
-    term = current_synthetic_terms(strategy).get(source)
-    if term is None or term.added:
-        return None
-    assert term.loss is not None
-    term.added = True
-    term.detached = term.claimed
-    strategy.loss = strategy.loss + (term.loss.detach() if term.claimed else term.loss)
-    return term.loss
-
-
-def release_synthetic_terms(strategy: Any) -> None:
-    """Drop the references to this iteration's graphs (after the backward)."""
-    for term in _terms(strategy).values():
-        term.loss = None
-    strategy.synthetic_loss = None
-
+from cl_proxyfda.strategies.synthetic_terms import (
+    ALL_SOURCES,
+    SyntheticTerm,
+    claim_synthetic_gradients,
+    current_synthetic_terms,
+    release_synthetic_terms,
+)
 
 # ---------------------------------------------------------------------- plugin
 class AWCParams(BaseModel):

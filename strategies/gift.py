@@ -37,7 +37,7 @@ from cl_proxyfda.losses.gift import (
     similarity_logits,
 )
 from cl_proxyfda.registry import STRATEGIES
-from cl_proxyfda.strategies.awc import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
+from cl_proxyfda.strategies.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
 from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (

@@ -1,0 +1,95 @@
+"""The synthetic-loss channel: plugins with a loss on synthetic data publish it here and
+a consumer of its gradient (AWC) claims it; neither owns the other.
+
+A producer (GIFT) publishes its term with :func:`publish_synthetic_loss` in
+``after_forward`` (so that every plugin's ``before_backward`` sees it whatever the plugin
+order) and adds it to the total loss with :func:`add_synthetic_loss` in
+``before_backward``. ``strategy.synthetic_loss`` holds the sum of the terms published in
+the current iteration. A consumer *claims* the sources whose gradient it will add itself
+(:func:`claim_synthetic_gradients`, in ``before_training_iteration``): a claimed term
+enters ``strategy.loss`` detached (its value still counts), so the consumer can take
+``autograd.grad(term, params)`` once and add it to ``p.grad`` after the backward, and
+the update still holds exactly the gradient of the total loss.
+:func:`release_synthetic_terms` drops the iteration's graphs after the backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+ALL_SOURCES = "*"
+
+
+# ------------------------------------------------------------------------ hook
+@dataclass
+class SyntheticTerm:
+    """One published synthetic loss of the current iteration."""
+
+    loss: Tensor | None
+    stamp: Any
+    claimed: bool = False
+    added: bool = False
+    detached: bool = False
+
+
+def _stamp(strategy: Any) -> Any:
+    """Identifies the current training iteration."""
+    return (strategy.clock.train_iterations, id(strategy.mbatch))
+
+
+def _terms(strategy: Any) -> dict[str, SyntheticTerm]:
+    terms = getattr(strategy, "synthetic_terms", None)
+    if terms is None:
+        terms = {}
+        strategy.synthetic_terms = terms
+    return terms
+
+
+def _claims(strategy: Any) -> set[str]:
+    return set(getattr(strategy, "synthetic_claims", ()) or ())
+
+
+def claim_synthetic_gradients(strategy: Any, sources: set[str]) -> None:
+    """Declare (for this iteration) that the gradient of these sources' terms is added by
+    the caller after backward; ``{"*"}`` claims every source, an empty set none."""
+    strategy.synthetic_claims = set(sources)
+
+
+def current_synthetic_terms(strategy: Any) -> dict[str, SyntheticTerm]:
+    """The terms published in the current iteration, by source name."""
+    stamp = _stamp(strategy)
+    return {name: t for name, t in _terms(strategy).items() if t.stamp == stamp and t.loss is not None}
+
+
+def publish_synthetic_loss(strategy: Any, source: str, loss: Tensor) -> None:
+    """Publish ``loss`` (a scalar with its graph) as ``source``'s synthetic term of this
+    iteration; ``strategy.synthetic_loss`` becomes the sum of this iteration's terms."""
+    claims = _claims(strategy)
+    _terms(strategy)[source] = SyntheticTerm(loss, _stamp(strategy), claimed=source in claims or ALL_SOURCES in claims)
+    current = list(current_synthetic_terms(strategy).values())
+    total = current[0].loss
+    for t in current[1:]:
+        total = total + t.loss
+    strategy.synthetic_loss = total
+
+
+def add_synthetic_loss(strategy: Any, source: str) -> Tensor | None:
+    """Add ``source``'s published term to ``strategy.loss``: detached when a consumer
+    claimed its gradient, with its graph otherwise. Returns the term (or None)."""
+    term = current_synthetic_terms(strategy).get(source)
+    if term is None or term.added:
+        return None
+    assert term.loss is not None
+    term.added = True
+    term.detached = term.claimed
+    strategy.loss = strategy.loss + (term.loss.detach() if term.claimed else term.loss)
+    return term.loss
+
+
+def release_synthetic_terms(strategy: Any) -> None:
+    """Drop the references to this iteration's graphs (after the backward)."""
+    for term in _terms(strategy).values():
+        term.loss = None
+    strategy.synthetic_loss = None
