@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,7 +49,10 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
 ABSENT_KEY_VALUES: dict[str, Any] = {
     "train.teacher_table": False,  # added: false is the former behaviour
     "eval.every_experience": True,  # removed: it was never read
+    "strategies[].generator_hidden": 32,  # added: the generator's width before the default became 16
 }
+"""Keys that older run folders' configs lack (or still have), with the value that means
+the same run; ``[]`` stands for any list index."""
 
 
 def _neutral(path: str, ignore: tuple[str, ...]) -> bool:
@@ -66,7 +70,8 @@ def config_differences(old: Any, new: Any, ignore: tuple[str, ...] = RESULT_NEUT
             sub = f"{path}.{key}" if path else str(key)
             if key not in old or key not in new:
                 present = new[key] if key in new else old[key]
-                equivalent = sub in ABSENT_KEY_VALUES and present == ABSENT_KEY_VALUES[sub]
+                generic = re.sub(r"\[\d+\]", "[]", sub)
+                equivalent = generic in ABSENT_KEY_VALUES and present == ABSENT_KEY_VALUES[generic]
                 if not equivalent and not _neutral(sub, ignore):
                     out.append(sub)
             else:

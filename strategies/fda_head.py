@@ -59,6 +59,9 @@ class ProxyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     proxies: bool = Field(True, description="add generated proxies (false: plain FDA)")
     n_proxies: int = Field(4, ge=1, le=65536, description="proxies per positive and per negative set")
+    generator_hidden: int = Field(
+        16, ge=1, le=4096, description="hidden width of the proxy generator [choice: 16, see docs/proxy_fda.md: the step's cost scales with it]"
+    )
     generator_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the proxy generator")
     generator_alpha: float = Field(1.0, ge=0, description="weight of the diversity term in the generator loss")
     generator_temperature: float = Field(0.1, gt=0, description="temperature of the generator's InfoNCE terms")
@@ -107,7 +110,7 @@ class FDAHead(nn.Module):
         if self.proxy_options.proxies:
             assert dim is not None
             self.dim = dim
-            self.generator = ProxyGenerator(dim, self.proxy_options.n_proxies).to(self.log_tau.device)
+            self.generator = ProxyGenerator(dim, self.proxy_options.n_proxies, self.proxy_options.generator_hidden).to(self.log_tau.device)
             broadcast_from_main(self.generator.parameters())  # one generator, whatever the process
             groups.append({"params": list(self.generator.parameters()), "lr": self.proxy_options.generator_lr})
         self.optimizer = _adamw(groups) if groups else None
@@ -132,7 +135,7 @@ class FDAHead(nn.Module):
         k = min(p.k, n - 1)  # a short batch / few anchors keep working with fewer neighbours
         sim_h = zh @ zh.t()
         positives = graph_mask(knn_graph(sim_h, k), n)
-        self.positives_per_anchor = float(positives.sum(dim=1).float().mean())
+        self.positives_per_anchor = float(k)  # the in-batch kNN graph has exactly k per anchor
         sim = z @ z.t()  # computed once for every part below
         proxies = gen_loss = None
         if self.generator is not None:

@@ -78,6 +78,12 @@ def test_keys_added_or_removed_later_match_folders_only_at_their_former_value():
     # a key removed later: a folder that had it at its former value continues
     assert config_differences({"eval": {"every_experience": True}}, {"eval": {}}) == []
     assert config_differences({"eval": {"every_experience": False}}, {"eval": {}}) == ["eval.every_experience"]
+    # in a strategy entry, at any position: Proxy-FDA folders from before generator_hidden used width 32
+    before = {"strategies": [{"name": "naive"}, {"name": "proxy_fda", "k": 8}]}
+    assert config_differences(before, {"strategies": [{"name": "naive"}, {"name": "proxy_fda", "k": 8, "generator_hidden": 32}]}) == []
+    assert config_differences(before, {"strategies": [{"name": "naive"}, {"name": "proxy_fda", "k": 8, "generator_hidden": 16}]}) == [
+        "strategies[1].generator_hidden"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ positives, or none) works with the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,13 @@ def graph_mask(neighbours: Tensor, batch_size: int) -> Tensor:
     return mask
 
 
+def member_sets(positives: Tensor) -> Tensor:
+    """(2, B, B) boolean: row 0 the positives of each anchor, row 1 its negatives (every
+    other batch member); neither contains the anchor itself."""
+    off_diag = ~torch.eye(positives.shape[0], dtype=torch.bool, device=positives.device)
+    return torch.stack([positives & off_diag, ~positives & off_diag])
+
+
 # --------------------------------------------------------------------------- weights
 def negative_weight(sim_h: Tensor, rule: str = "clamp0") -> Tensor:
     """The (non-positive) target weight of non-neighbour pairs under ``rule`` (see NEG_WEIGHTS)."""
@@ -112,20 +120,39 @@ def pair_loss(sim: Tensor, weight: Tensor, log_tau: Tensor, bias: Tensor) -> Ten
 # --------------------------------------------------------------------------- proxies
 @dataclass
 class PoolingWeights:
-    """Softmax pooling weights of the generator for every anchor.
+    """Softmax pooling weights of the generator for every anchor, both sides stacked.
 
-    ``pos``/``neg``: (B, n_proxies, B), row i, proxy m is a distribution over the
-    positives (resp. negatives) of anchor i (zero elsewhere); ``has_pos``/``has_neg``:
-    (B,) whether anchor i has any positive (resp. negative) at all.
+    ``weights``: (B, 2n, B); row i, proxy m < n is a distribution over the positives of
+    anchor i, proxy n + m over its negatives (zero elsewhere). ``has``: (2, B) whether
+    anchor i has any positive (row 0) / negative (row 1) at all. ``pos``/``neg`` are the
+    two (B, n, B) halves.
     """
 
-    pos: Tensor
-    neg: Tensor
-    has_pos: Tensor
-    has_neg: Tensor
+    weights: Tensor
+    has: Tensor
+
+    @property
+    def n_proxies(self) -> int:
+        return self.weights.shape[1] // 2
+
+    @property
+    def pos(self) -> Tensor:
+        return self.weights[:, : self.n_proxies]
+
+    @property
+    def neg(self) -> Tensor:
+        return self.weights[:, self.n_proxies :]
+
+    @property
+    def has_pos(self) -> Tensor:
+        return self.has[0]
+
+    @property
+    def has_neg(self) -> Tensor:
+        return self.has[1]
 
     def detach(self) -> "PoolingWeights":
-        return PoolingWeights(self.pos.detach(), self.neg.detach(), self.has_pos, self.has_neg)
+        return PoolingWeights(self.weights.detach(), self.has)
 
 
 @dataclass
@@ -148,15 +175,40 @@ class Proxies:
 
 def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last dim restricted to ``mask``; rows with an empty mask give 0."""
-    filled = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(filled, dim=-1)
-    return torch.where(mask, probs, torch.zeros_like(probs))
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.where(mask, probs, 0.0)
+
+
+class _ReluHead(torch.autograd.Function):
+    """``head(relu(pre))`` for the (P, h) pre-activations of all P = B^2 pairs, returned
+    transposed as (2n, P): ``weight @ relu(pre)^T + bias``.
+
+    The same values and gradients as ``F.linear(F.relu(pre), weight, bias).t()``; written
+    out so that each of its three products runs in the layout CPU BLAS is fast at. With
+    (4096, 32) x (32, 8) shapes, ``F.linear`` and autograd's own backward (on the permuted
+    gradient) are each about 3x slower than the forms below (one CPU thread).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        hidden = pre.clamp(min=0)
+        ctx.save_for_backward(hidden, weight)
+        return torch.addmm(bias.unsqueeze(1), weight, hidden.t())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        hidden, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # (2n, P)
+        grad_pre = (grad.t() @ weight).masked_fill_(hidden <= 0, 0.0) if ctx.needs_input_grad[0] else None
+        grad_weight = grad @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_pre, grad_weight, grad_bias
 
 
 class ProxyGenerator(nn.Module):
     """The Proxy-FDA generator G: pooling weights over each anchor's positive/negative sets.
 
-    Architecture (dim D, hidden width ``hidden`` = 32, ``n_proxies`` = 4), O(B^2) work:
+    Architecture (dim D, hidden width ``hidden`` = 16, ``n_proxies`` = 4), O(B^2) work:
 
     1. Each batch member j becomes one token ``c_j = Linear(D, h)(z_j)``; one pre-norm
        single-head self-attention over the B members (residual), shared by all anchors,
@@ -171,16 +223,18 @@ class ProxyGenerator(nn.Module):
     4. Softmax of the logits over the positives of i gives ``A_i+`` (n, B), over the
        negatives ``A_i-``.
 
-    For D = 512 this has 22,120 parameters (about 22K; the paper's has about 24K); the
-    token projection ``Linear(D, h)`` holds 16,416 of them. The first version ran a
-    4-head attention per anchor over its B - 1 pair tokens and 1x1 convolutions on
-    them (B^3 work: ~37 ms a step at B = 64 on one CPU thread); here only (B, B, h)
-    element-wise work and one (B^2, h) x (h, 2n) product depend on the pairs.
+    For D = 512 this has 9,784 parameters at width 16 (22,120 at width 32, the default
+    until the step's cost was measured: the paper's generator has about 24K); the token
+    projection ``Linear(D, h)`` holds most of them. The first version ran a 4-head
+    attention per anchor over its B - 1 pair tokens and 1x1 convolutions on them (B^3
+    work: ~37 ms a step at B = 64 on one CPU thread); here only (B, B, h) element-wise
+    work and one (B^2, h) x (h, 2n) product depend on the pairs, so the width sets the
+    cost (width 16: about 0.45 ms less per step than 32 at B = 64, one CPU thread).
 
     The generator always reads detached features: it never sends gradients to the model.
     """
 
-    def __init__(self, dim: int, n_proxies: int = 4, hidden: int = 32) -> None:
+    def __init__(self, dim: int, n_proxies: int = 4, hidden: int = 16) -> None:
         super().__init__()
         if n_proxies < 1:
             raise ValueError(f"n_proxies must be at least 1, got {n_proxies}")
@@ -199,18 +253,25 @@ class ProxyGenerator(nn.Module):
         sim_h = sim_h.detach()
         sim = (z @ z.t()) if sim is None else sim.detach()
         b = z.shape[0]
-        eye = torch.eye(b, dtype=torch.bool, device=z.device)
-        negatives = ~positives & ~eye
-        tokens = self.embed(z).unsqueeze(0)  # (1, B, h): one sequence, shared by every anchor
-        normed = self.norm(tokens)
-        tokens = tokens + self.attn(normed, normed, normed, need_weights=False)[0]
+        sets = member_sets(positives)  # (2, B, B)
+        tokens = self.embed(z)  # (B, h): one sequence, shared by every anchor
+        tokens = tokens + self._attend(self.norm(tokens))
         relation = torch.stack([sim, sim_h, positives.to(z.dtype)], dim=-1)  # (B, B, 3)
-        hidden = F.relu(self.member(tokens) + self.pair(relation))  # (B, B, h)
-        logits = self.head(hidden).permute(0, 2, 1)  # (B anchors, 2n, B members)
+        # member(c_j) + pair(relation_ij) as one batched product (B, B, 3) x (3, h)
+        pair = self.pair.weight.t().unsqueeze(0).expand(b, -1, -1)
+        pre = torch.baddbmm(self.member(tokens).unsqueeze(0), relation, pair)  # (B, B, h)
         n = self.n_proxies
-        sets = torch.cat([positives.unsqueeze(1).expand(b, n, b), negatives.unsqueeze(1).expand(b, n, b)], dim=1)
-        weights = _masked_softmax(logits, sets)  # both sides in one pass
-        return PoolingWeights(weights[:, :n], weights[:, n:], positives.any(dim=1), negatives.any(dim=1))
+        logits = _ReluHead.apply(pre.view(b * b, -1), self.head.weight, self.head.bias).view(2 * n, b, b).permute(1, 0, 2)
+        mask = sets.transpose(0, 1).contiguous().unsqueeze(2)  # (B, 2, 1, B): each side's set, for its n proxies
+        weights = _masked_softmax(logits.reshape(b, 2, n, b), mask).view(b, 2 * n, b)  # both sides in one pass
+        return PoolingWeights(weights, sets.any(dim=2))
+
+    def _attend(self, x: Tensor) -> Tensor:
+        """Single-head self-attention of the (B, h) tokens on ``self.attn``'s parameters:
+        what ``nn.MultiheadAttention`` computes with one head, without its per-call
+        reshaping (half a millisecond of the step at B = 64 on one CPU thread)."""
+        q, k, v = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
+        return self.attn.out_proj(F.scaled_dot_product_attention(q, k, v))
 
 
 def pool(weights: Tensor, z: Tensor, normalize: bool = True) -> Tensor:
@@ -221,20 +282,28 @@ def pool(weights: Tensor, z: Tensor, normalize: bool = True) -> Tensor:
     return F.normalize(proxies, dim=-1) if normalize else proxies
 
 
-def proxy_similarity(sim: Tensor, weights: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
-    """``(s, G)``: ``s[i, m] = z_i . P_im`` (B, n) and the Gram matrix of each anchor's
-    proxies ``G[i] = P_i P_i^T`` (B, n, n), from ``sim = z z^T`` alone.
+def proxy_cosines(sim: Tensor, weights: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, a_s, norm)``: ``s[i, m] = z_i . P_im`` (B, n) from ``sim = z z^T`` alone, with
+    the products ``a_s = A S`` (B, n, B) and the norms ``||A_im z||`` (B, n) it used.
 
-    Equal to computing ``P = pool(weights, z, normalize)`` first, without the (B, n, D)
-    tensors: ``A_im z . z_i = (A S)[i, m, i]`` and ``||A_im z||^2 = A_im S A_im^T``. The
-    cost is O(n B^3) multiply-adds whatever the feature size D.
+    ``A_im z . z_i = (A S)[i, m, i]`` and ``||A_im z||^2 = sum_j (A S)[i, m, j] A[i, m, j]``:
+    no (B, n, D) tensor is formed, whatever the feature size D. With ``normalize`` the
+    proxies are ``A_im z / ||A_im z||`` (:func:`pool`).
     """
     a_s = weights @ sim  # (B, n, B)
-    gram = a_s @ weights.transpose(1, 2)  # (B, n, n)
     s = a_s.diagonal(dim1=0, dim2=2).t()  # (B, n): row i of A_i S, column i
+    norm = (a_s * weights).sum(-1).clamp(min=1e-12).sqrt()  # (B, n)
+    return (s / norm if normalize else s), a_s, norm
+
+
+def proxy_similarity(sim: Tensor, weights: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """``(s, G)``: ``s[i, m] = z_i . P_im`` (B, n) and the Gram matrix of each anchor's
+    proxies ``G[i] = P_i P_i^T`` (B, n, n), from ``sim = z z^T`` alone (see
+    :func:`proxy_cosines`; the Gram matrix costs one more (n, B) x (B, n) product per anchor).
+    """
+    s, a_s, norm = proxy_cosines(sim, weights, normalize)
+    gram = a_s @ weights.transpose(1, 2)  # (B, n, n)
     if normalize:
-        norm = gram.diagonal(dim1=1, dim2=2).clamp(min=1e-12).sqrt()  # (B, n)
-        s = s / norm
         gram = gram / (norm.unsqueeze(2) * norm.unsqueeze(1))
     return s, gram
 
@@ -251,9 +320,9 @@ def make_proxies(
     ``sim`` (``z z^T`` with its gradient, optional) saves recomputing it.
     """
     pooled = pooling.detach()
-    n = pooled.pos.shape[1]
+    n = pooled.n_proxies
     sim = (z @ z.t()) if sim is None else sim
-    both, _ = proxy_similarity(sim, torch.cat([pooled.pos, pooled.neg], dim=1), normalize)  # one pass for both sets
+    both, _, _ = proxy_cosines(sim, pooled.weights, normalize)  # one pass for both sets
     w_pos = (pooled.pos * sim_h.clamp(min=0).unsqueeze(1)).sum(-1)
     w_neg = (pooled.neg * negative_weight(sim_h, neg_weight).unsqueeze(1)).sum(-1)
     return Proxies(both[:, :n], both[:, n:], w_pos, w_neg, pooling.has_pos, pooling.has_neg)
@@ -310,7 +379,7 @@ def fda_loss(
     off_diag = ~torch.eye(b, dtype=torch.bool, device=z.device)
     positives = positives & off_diag
     pairs = off_diag if ignore is None else off_diag & (~ignore | positives)
-    weights = signed_weights(sim_h, positives, neg_weight)
+    weights = torch.where(positives, sim_h.clamp(min=0), negative_weight(sim_h, neg_weight))  # signed_weights; the diagonal is masked below
     losses = pair_loss((z @ z.t()) if sim is None else sim, weights, log_tau, bias) * pairs
     total = losses.sum(dim=1)
     count = pairs.sum(dim=1).to(z.dtype)
@@ -371,48 +440,64 @@ def generator_loss(
 
     Each term is averaged over the anchors that have the sets it needs (per side:
     positive proxies over anchors with positives, negative proxies over anchors with
-    negatives). ``sim`` (``z z^T``, optional) saves recomputing it. Both sides are
-    computed together on stacked tensors: the same value as one side at a time, with
-    half the operations (the loss is small-tensor work, its cost is the number of ops).
+    negatives). ``sim`` (``z z^T``, optional) saves recomputing it.
+
+    Both sides are computed together on stacked tensors, and everything that does not
+    depend on the pooling weights (set means, the validity denominators, the entropy
+    floors, the real sets' spread, the per-anchor averaging weights) is computed first
+    without gradient: the same value as the term-by-term form
+    (tests/test_fda_losses.py), with a third of its operations (the loss is small-tensor
+    work; its cost is the number of operations, forward and backward).
     """
     z = z.detach()
     b = z.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=z.device)
-    sets = torch.stack([positives & ~eye, ~positives & ~eye])  # (2, B, B): each side's real set
+    n = pooling.n_proxies
     sim = (z @ z.t()) if sim is None else sim.detach()
-    n = pooling.pos.shape[1]
-    weights = torch.cat([pooling.pos, pooling.neg], dim=1)  # (B, 2n, B)
-    s, gram = proxy_similarity(sim, weights, normalize)  # (B, 2n), (B, 2n, 2n)
-    sign = torch.tensor([1.0, -1.0], dtype=sim.dtype, device=sim.device)
-    signed = s.view(b, 2, n) * sign.view(1, 2, 1)  # +s(i, P+) and -s(i, P-): larger = easier
-    has = torch.stack([pooling.has_pos, pooling.has_neg]).to(sim.dtype)  # (2, B)
-    count = sets.sum(2).to(sim.dtype)  # (2, B)
-    set_mean = (sim.unsqueeze(0) * sets).sum(2) / count.clamp(min=1)  # (2, B)
-
-    def side_means(values: Tensor, rows: Tensor) -> Tensor:
-        # values (B, 2, n), rows (2, B): per side, the mean over the rows of each row's mean
-        return ((values.mean(2) * rows.t()).sum(0) / rows.sum(1).clamp(min=1)).sum()
-
-    # validity, InfoNCE form: -log(exp(own) / (exp(own) + sum_j exp(other_j))); a positive
-    # proxy competes with the real negatives, a negative proxy (negated) with the positives
-    others = (sim.unsqueeze(0) * sign.view(2, 1, 1) / temperature).masked_fill(~sets.flip(0), float("-inf"))
-    rest = torch.logsumexp(others, dim=2).t().unsqueeze(2)  # (B, 2, 1)
+    with torch.no_grad():
+        sets = member_sets(positives).to(sim.dtype)  # (2, B, B): each side's real set
+        count = sets.sum(2)  # (2, B)
+        sign = torch.tensor([1.0, -1.0], dtype=sim.dtype, device=sim.device).view(2, 1)
+        # per side, +s(i, x) for the positive side and -s(i, x) for the negative side: larger = easier
+        signed_mean = (sim.unsqueeze(0) * sets).sum(2) / count.clamp(min=1) * sign  # (2, B)
+        # validity competitors: a positive proxy against the real negatives, a (negated)
+        # negative proxy against the (negated) positives
+        others = (sim.unsqueeze(0) * (sign.unsqueeze(2) / temperature)).masked_fill(sets.flip(0) == 0, float("-inf"))
+        rest = torch.logsumexp(others, dim=2)  # (2, B)
+        floor = count.clamp(min=1, max=min_members).log()  # (2, B)
+        has = pooling.has.to(sim.dtype)  # (2, B)
+        per_has = has / has.sum(1, keepdim=True).clamp(min=1)  # (2, B): mean over the anchors with that side's set
+        both = has[0] * has[1]
+        per_both = both / both.sum().clamp(min=1)
+        w = sets / count.clamp(min=1).unsqueeze(2)
+        real_spread = (w @ sim.diagonal() - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()  # (2, B)
+        # per proxy: the mean over the n proxies of a side, then over the anchors
+        per_proxy_has = (per_has / n).t().unsqueeze(2)  # (B, 2, 1)
+        per_proxy_both = (per_both / n).view(b, 1, 1)
+    weights = pooling.weights  # (B, 2n, B)
+    s, a_s, norm = proxy_cosines(sim, weights, normalize)
+    signed = s.view(b, 2, n) * sign.view(1, 2, 1)
     own = signed / temperature
-    total = side_means(torch.logaddexp(own, rest) - own, (has[0] * has[1]).expand(2, b))
+    validity = torch.logaddexp(own, rest.t().unsqueeze(2)) - own  # (B, 2, n), InfoNCE form
+    total = (validity * per_proxy_both).sum()
+    hinges = None  # (B, 2, n): the per-proxy hinges, weighted
     if hardness > 0:
-        total = total + hardness * side_means(F.relu(signed - (set_mean * sign.view(2, 1)).t().unsqueeze(2)), has)
+        hinges = F.relu(signed - signed_mean.t().unsqueeze(2)) * hardness
     if entropy_weight > 0:
-        floor = count.clamp(min=1, max=min_members).log().t().unsqueeze(2)  # (B, 2, 1)
-        total = total + entropy_weight * side_means(F.relu(floor - pooling_entropy(weights).view(b, 2, n)), has)
+        neg_entropy = (weights * weights.clamp(min=1e-12).log()).sum(-1).view(b, 2, n)
+        below = F.relu(neg_entropy + floor.t().unsqueeze(2))  # floor - entropy
+        hinges = below * entropy_weight if hinges is None else torch.add(hinges, below, alpha=entropy_weight)
+    if hinges is not None:
+        total = total + (hinges * per_proxy_has).sum()
     if n > 1 and alpha > 0:
-        blocks = gram.view(b, 2, n, 2, n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, 2, n, n): each side's own Gram
-        second = blocks.diagonal(dim1=2, dim2=3).mean(-1)
-        spread = (second - blocks.mean(dim=(2, 3))).clamp(min=0).add(1e-8).sqrt()  # proxies' spread, (B, 2)
-        w = sets.to(sim.dtype) / count.clamp(min=1).unsqueeze(2)  # (2, B, B)
-        real_second = w @ sim.diagonal()
-        real_spread = (real_second - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()  # real sets' spread, (2, B)
-        hinge = F.relu(diversity_target * real_spread.t() - spread)  # (B, 2)
-        total = total + alpha * side_means(hinge.unsqueeze(2), has)
+        # spread^2 of a side's proxies = mean_m ||P_m||^2 - ||mean_m P_m||^2, with
+        # ||sum_m P_m||^2 = u S u^T for u = sum_m A_m / ||A_m z|| (or sum_m A_m unnormalised)
+        scaled = weights / norm.unsqueeze(2) if normalize else weights
+        u = scaled.view(b, 2, n, b).sum(2).view(2 * b, b)
+        mean_sq = ((u @ sim) * u).sum(-1).view(b, 2) / (n * n)
+        second = 1.0 if normalize else norm.square().view(b, 2, n).mean(2)
+        spread = (second - mean_sq).clamp(min=0).add(1e-8).sqrt()  # (B, 2)
+        hinge = F.relu(diversity_target * real_spread.t() - spread)
+        total = total + alpha * (hinge * per_has.t()).sum()
     return total
 
 
@@ -430,17 +515,14 @@ def proxy_diagnostics(z: Tensor, pooling: PoolingWeights, positives: Tensor, nor
       (> 0: harder than the average negative).
     """
     z = z.detach().float()
-    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    negatives = ~positives & ~eye
+    positives, negatives = member_sets(positives)
     sim = z @ z.t()
     out: dict[str, float] = {}
     distances = []
     for side, weights, mask, has in (("pos", pooling.pos, positives, pooling.has_pos), ("neg", pooling.neg, negatives, pooling.has_neg)):
         if not has.any():
             continue
-        s, _ = proxy_similarity(sim, weights, normalize)
-        _, raw_gram = proxy_similarity(sim, weights, normalize=False)
-        hull_norm = raw_gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()  # ||A z||
+        s, _, hull_norm = proxy_cosines(sim, weights, normalize)  # hull_norm: ||A z||
         distances.append((1 - hull_norm if normalize else torch.zeros_like(hull_norm))[has])
         out[f"members_{side}"] = float(pooling_entropy(weights)[has].exp().mean())
         out[f"hardness_{side}"] = float((s - _set_mean(sim, mask).unsqueeze(1))[has].mean())
