@@ -2,16 +2,27 @@
 
 ``CLIPTaskModel`` is an Avalanche ``MultiTaskModule``: the task label of a batch picks
 the class vocabulary, and the logits are ``exp(logit_scale) * cos(image, class)`` over
-that task's classes. Regularisers read the student's features of the last forward from
-``model.last`` (no second forward) and named intermediate features from
-``model.last["layers"]`` once ``capture_layers`` was called.
+that task's classes.
+
+Reading features (the one way; nothing outside this module touches the private state):
+
+- ``model.capture_layers(names)``: record named image-tower features (``ln_pre``,
+  ``block{i}``) in every later pass; ``model.captured_layers`` lists them.
+- ``model.last_features()``: ``{"image_embeds", "layers", "task"}`` of the last task
+  forward ``model(x, task_labels)``, with their graph (no second forward). Only a task
+  forward replaces them: ``encode_image``/``encode_text`` on other inputs never do.
+- ``with model.side_forward(): ...``: extra forwards on other data (synthetic or
+  reference images; a task forward included) leave ``last_features()`` as it was.
+- ``model.image_features(x)``: ``{"image_embeds", "layers"}`` of one image-tower pass
+  over ``x`` (a frozen teacher's features), without replacing ``last_features()``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import open_clip
 import torch
@@ -151,7 +162,8 @@ class _TextCache:
 
 
 class _FeatureSink(dict):
-    """Where capture hooks write; a deep copy (a frozen teacher) gets its own empty sink."""
+    """Where capture hooks write during any image-tower pass; a deep copy (a frozen
+    teacher) gets its own empty sink. A task forward keeps a snapshot of it."""
 
     def __deepcopy__(self, memo: dict) -> "_FeatureSink":
         return _FeatureSink()
@@ -205,7 +217,7 @@ class CLIPTaskModel(MultiTaskModule):
         self._hooks: list[Any] = []
         self._layer_names: list[str] = []
         self._sink = _FeatureSink()
-        self.last: dict[str, Any] = {}
+        self._last: dict[str, Any] = {}  # features of the last task forward (last_features)
         self.text_encode_calls = 0  # how often class heads were computed (tests, bench)
         self.prompts_encoded = 0  # how many prompts went through the text tower (tests, bench)
         self.head_prompts_encoded = 0  # of those, how many for class heads
@@ -257,13 +269,21 @@ class CLIPTaskModel(MultiTaskModule):
         self._text_version += 1
 
     # ---------------------------------------------------------------- features
+    @property
+    def captured_layers(self) -> tuple[str, ...]:
+        """Names of the image-tower layers recorded in every pass (:meth:`capture_layers`)."""
+        return tuple(self._layer_names)
+
     def capture_layers(self, names: Iterable[str]) -> None:
-        """Record named image-tower features during forward into ``last['layers']``.
+        """Record named image-tower features in every later pass (``layers`` of
+        :meth:`last_features` and :meth:`image_features`); names already recorded stay.
 
         Names: ``ln_pre`` (after the pre-norm), ``block{i}`` (output of block i, 1-based).
         The class token of each is kept, L2-normalised by the consumer if wanted.
         """
         names = list(dict.fromkeys(list(self._layer_names) + list(names)))
+        if names == self._layer_names:
+            return  # nothing new to record
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -284,8 +304,38 @@ class CLIPTaskModel(MultiTaskModule):
         # Copies (frozen teachers, LwF's previous model) never carry the autograd graph
         # of the last forward.
         state = self.__dict__.copy()
-        state["last"] = {}
+        state["_last"] = {}
         return state
+
+    def last_features(self) -> dict[str, Any]:
+        """Features of the last task forward ``model(x, task_labels)``, with their graph:
+        ``image_embeds`` (B, D, L2-normalised), ``layers`` (name -> (B, D) class token of
+        each captured layer) and ``task`` (the task label, single-task batches).
+
+        Empty before the first forward. Forwards inside :meth:`side_forward`, and passes
+        that are not task forwards (``encode_image``, :meth:`image_features`), leave them.
+        """
+        if not self._last:
+            return {}
+        return {**self._last, "layers": dict(self._last.get("layers", {}))}
+
+    @contextlib.contextmanager
+    def side_forward(self) -> Iterator[None]:
+        """Extra forwards of this model on other data (synthetic or reference images,
+        another task's batch) that must not replace :meth:`last_features`; nestable."""
+        saved = self._last
+        try:
+            yield
+        finally:
+            self._last = saved
+
+    def image_features(self, x: Tensor, normalize: bool = True) -> dict[str, Any]:
+        """One image-tower pass over ``x``: ``image_embeds`` and the captured ``layers`` of
+        that pass (how a frozen teacher's features are read); :meth:`last_features` is
+        kept."""
+        self._sink.clear()
+        embeds = self.encode_image(x, normalize)
+        return {"image_embeds": embeds, "layers": dict(self._sink)}
 
     def adaptation(self, experience: Any) -> None:
         """Avalanche's hook: remember trained task labels (heads come from text)."""
@@ -370,41 +420,42 @@ class CLIPTaskModel(MultiTaskModule):
 
     # ----------------------------------------------------------------- forward
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        self._sink.clear()
         image = self.encode_image(x)
-        self.last["image_embeds"] = image
-        self.last["task"] = int(task_label)
+        self._last = {"image_embeds": image, "task": int(task_label), "layers": dict(self._sink)}
         return self.logit_scale * image @ self.class_embeddings(int(task_label)).t()
 
     def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
-        """Logits for every trained task (Avalanche's LwF); keeps ``last`` untouched."""
-        saved = self.last
-        try:
+        """Logits for every trained task (Avalanche's LwF); keeps ``last_features()``."""
+        with self.side_forward():
             return {t: self.forward_single_task(x, t) for t in sorted(self.known_train_tasks_labels)}
-        finally:
-            self.last = saved
 
     def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:  # type: ignore[override]
         if task_labels is None:
             return self.forward_all_tasks(x)  # type: ignore[return-value]
-        self._sink.clear()
-        self.last = {"layers": self._sink}
         if isinstance(task_labels, int):
             return self.forward_single_task(x, task_labels)
         unique = torch.unique(task_labels)
         if len(unique) == 1:
             return self.forward_single_task(x, int(unique.item()))
-        # Mixed-task batch: per-task logits padded to the widest head with -inf.
+        # Mixed-task batch: per-task logits padded to the widest head with -inf; the
+        # features of each task's rows go back to their places.
         width = max(len(self.tasks[int(t)].classnames) for t in unique)
         out = x.new_full((x.shape[0], width), float("-inf"))
         embeds: Tensor | None = None
+        layers: dict[str, Tensor] = {}
         for t in unique:
             mask = task_labels == t
             logits = self.forward_single_task(x[mask], int(t.item()))
             out[mask, : logits.shape[1]] = logits
             if embeds is None:
-                embeds = x.new_zeros((x.shape[0], self.last["image_embeds"].shape[1]))
-            embeds[mask] = self.last["image_embeds"]
-        self.last = {"image_embeds": embeds, "layers": self._sink}
+                embeds = x.new_zeros((x.shape[0], self._last["image_embeds"].shape[1]))
+            embeds[mask] = self._last["image_embeds"]
+            for name, value in self._last["layers"].items():
+                if name not in layers:
+                    layers[name] = value.new_zeros((x.shape[0], *value.shape[1:]))
+                layers[name][mask] = value
+        self._last = {"image_embeds": embeds, "layers": layers}
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:

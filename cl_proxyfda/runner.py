@@ -119,11 +119,11 @@ class Run:
         return [t.name for t in self.stream.tasks]
 
 
-def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any:
+def _make_batch_sampler(cfg: RunConfig) -> Any:
     seed = cfg.run.seed
     kind, m_classes, n_per_class = cfg.sampler_layout()
 
-    def factory(exp_index: int, targets: list[int], iterations: int) -> Any:
+    def factory(exp_index: int, targets: list[int], iterations: int, class_similarity: np.ndarray | None) -> Any:
         from cl_proxyfda.benchmarks.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 
         exp_seed = seed * 1_000_003 + exp_index
@@ -134,7 +134,7 @@ def _make_batch_sampler(cfg: RunConfig, class_similarity: dict[int, Any]) -> Any
                 n_per_class=n_per_class,
                 iterations=iterations,
                 seed=exp_seed,
-                class_similarity=class_similarity.get(exp_index),
+                class_similarity=class_similarity,
                 hard_mining=cfg.train.hard_class_mining,
                 mining_temperature=cfg.train.mining_temperature,
             )
@@ -224,7 +224,6 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
     def lr_for(exp_index: int) -> float:
         return cfg.train.lr_per_task.get(tasks[exp_index].name, cfg.train.lr)
 
-    class_similarity: dict[int, Any] = {}
     progress = ProgressPlugin([t.name for t in tasks], enabled=cfg.logging.progress and ctx.is_main)
     trained: nn.Module = model
     if ctx.enabled:
@@ -238,7 +237,7 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         device=device,
         lr_for_experience=lr_for,
         iterations_for=iterations_for,
-        batch_sampler=_make_batch_sampler(cfg, class_similarity),
+        batch_sampler=_make_batch_sampler(cfg),
         optimizer=cfg.train.optimizer,
         weight_decay=cfg.train.weight_decay,
         warmup=cfg.train.warmup,
@@ -253,7 +252,6 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
     strategy.teachers = TeacherBank(
         initial_state=initial_state, half=cfg.run.teacher_half, table=cfg.train.teacher_table, table_batch_size=cfg.eval.batch_size
     )
-    strategy.class_similarity = class_similarity
     benchmark = to_avalanche(tasks, pre_train if cfg.train.augment else pre_eval, pre_eval)
     test_sets = [t.test for t in tasks] + ([stream.control.test] if stream.control is not None else [])
     evaluator = TaskEvaluator(test_sets, pre_eval, batch_size=cfg.eval.batch_size, workers=cfg.train.workers, dist_context=ctx)
@@ -520,7 +518,7 @@ def _before_experience(run: Run, index: int) -> None:
 
         task = run.stream.tasks[index]
         feats, labels = _pretrained_train_features(run, index)
-        run.strategy.class_similarity[index] = class_mean_similarity(feats, labels)
+        run.strategy.class_similarity.set(index, class_mean_similarity(feats, labels))
 
 
 def _pretrained_train_features(run: Run, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ that both use the same plan and the same cache folder:
 - :func:`ensure_plan` / :func:`load_plan`: generate what is missing (idempotent,
   resumable, sharded by rank) and read the pairs back.
 
-Also here: :func:`keep_captured_features`, and (re-exported from their homes,
+Also here: :func:`autocast_context`, and (re-exported from their homes,
 :mod:`cl_proxyfda.models` and :mod:`cl_proxyfda.benchmarks.samplers`)
 :func:`eval_transform` and :func:`seeded_batches` (the index plan of
 :class:`cl_proxyfda.side_data.SideBatches`), which the side-data plugins (GIFT, ZSCL,
@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from cl_proxyfda.benchmarks.samplers import seeded_batches
@@ -261,24 +260,6 @@ class BatchPlan(torch.utils.data.Sampler):
         batches = seeded_batches(self.n_items, self.batch_size, self.seed)
         for _ in range(self.iterations):
             yield next(batches)
-
-
-@contextlib.contextmanager
-def keep_captured_features(model: nn.Module) -> Iterator[None]:
-    """Run extra forwards of the student without clobbering its captured layer features.
-
-    Plugins such as LDIFS read the real batch's intermediate features from
-    ``model.last["layers"]``; a forward on synthetic or reference images would overwrite
-    them through the capture hooks, so they are restored on exit.
-    """
-    sink = getattr(model, "_sink", None)
-    saved = dict(sink) if sink is not None else None
-    try:
-        yield
-    finally:
-        if sink is not None and saved is not None:
-            sink.clear()
-            sink.update(saved)
 
 
 def autocast_context(strategy: Any) -> contextlib.AbstractContextManager:

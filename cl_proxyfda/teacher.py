@@ -122,16 +122,13 @@ class TeacherBank:
             self._cache[reference] = out
             return out
         teacher = self.get(strategy.model, reference)
-        missing = wanted - set(teacher._layer_names)
-        if missing:
-            teacher.capture_layers(sorted(missing))
+        teacher.capture_layers(sorted(wanted))  # names already recorded: nothing to do
         x = strategy.mb_x
         with torch.no_grad():
             param = next(teacher.parameters())
-            teacher._sink.clear()
-            embeds = teacher.encode_image(x.to(param.dtype))
+            feats = teacher.image_features(x.to(param.dtype))
         self.forward_count += 1
-        out = {"image_embeds": embeds.float(), "layers": {k: v.float() for k, v in teacher._sink.items()}}
+        out = {"image_embeds": feats["image_embeds"].float(), "layers": {k: v.float() for k, v in feats["layers"].items()}}
         self._cache[reference] = out
         return out
 
@@ -151,5 +148,6 @@ def teacher_outputs(strategy: Any, reference: str = "pretrained", layers: Iterab
 
 
 def student_outputs(strategy: Any) -> dict[str, Any]:
-    """The student's features of the current batch, recorded by its forward."""
-    return unwrap(strategy.model).last
+    """The student's features of the current batch, recorded by its forward:
+    ``unwrap(strategy.model).last_features()`` (``image_embeds``, ``layers``)."""
+    return unwrap(strategy.model).last_features()

@@ -7,12 +7,17 @@
   rate) and a warm-up + cosine schedule per experience;
 - gradient clipping, and a NaN/inf guard naming the experience, iteration and terms;
 - class heads recomputed after each step when the text tower trains.
+
+Services the strategy holds for its plugins and its sampler are typed fields with a
+default for a strategy built by hand: ``class_similarity`` (:class:`ClassSimilarity`,
+read by the batch sampler; :func:`class_similarity_of` on any Avalanche strategy).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
@@ -31,6 +36,47 @@ def warmup_cosine(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ClassSimilarity:
+    """The class similarity of each experience, for the hard-mined class-balanced sampler.
+
+    ``set(experience, matrix)`` stores a ``(C, C)`` similarity of the experience's classes,
+    indexed by label value (the runner stores ``class_mean_similarity`` of pre-trained
+    features before the experience trains, with ``train.hard_class_mining``);
+    ``get(experience)`` is what the sampler mines with, ``None`` for an experience without
+    one (then classes are drawn uniformly). Empty by default.
+    """
+
+    def __init__(self) -> None:
+        self._matrices: dict[int, np.ndarray] = {}
+
+    def set(self, experience: int, matrix: Any) -> None:
+        """Store the similarity of ``experience``'s classes (replaces an earlier one)."""
+        sim = np.asarray(matrix, dtype=np.float64)
+        if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+            raise ValueError(f"class similarity of experience {experience} must be a square matrix, got shape {sim.shape}")
+        self._matrices[int(experience)] = sim
+
+    def get(self, experience: int) -> np.ndarray | None:
+        """The similarity of ``experience``'s classes, or ``None`` when none was set."""
+        return self._matrices.get(int(experience))
+
+    def __contains__(self, experience: object) -> bool:
+        return experience in self._matrices
+
+    def __len__(self) -> int:
+        return len(self._matrices)
+
+
+def class_similarity_of(strategy: Any) -> ClassSimilarity:
+    """The strategy's class-similarity service (an empty one is attached to a strategy
+    that has none, such as a bare Avalanche ``SupervisedTemplate``)."""
+    service = getattr(strategy, "class_similarity", None)
+    if not isinstance(service, ClassSimilarity):
+        service = ClassSimilarity()
+        strategy.class_similarity = service
+    return service
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -66,8 +112,13 @@ class CLStrategy(SupervisedTemplate):
     """SupervisedTemplate with per-experience step budgets, samplers and schedules.
 
     Args beyond Avalanche's: ``lr_for_experience(i) -> lr``, ``iterations_for(n_items)``,
-    ``batch_sampler(experience_index, targets, iterations) -> iterable of index lists``.
+    ``batch_sampler(experience_index, targets, iterations, class_similarity) -> iterable
+    of index lists`` (``class_similarity``: the experience's matrix from the
+    ``class_similarity`` service, or ``None``), ``class_similarity`` (the service; an
+    empty :class:`ClassSimilarity` by default).
     """
+
+    class_similarity: ClassSimilarity
 
     def __init__(
         self,
@@ -79,7 +130,7 @@ class CLStrategy(SupervisedTemplate):
         device: torch.device,
         lr_for_experience: Callable[[int], float],
         iterations_for: Callable[[int], int],
-        batch_sampler: Callable[[int, list[int], int], Iterable[list[int]]],
+        batch_sampler: Callable[[int, list[int], int, np.ndarray | None], Iterable[list[int]]],
         optimizer: str = "adamw",
         weight_decay: float = 0.0,
         warmup: int = 0,
@@ -90,6 +141,7 @@ class CLStrategy(SupervisedTemplate):
         autocast_dtype: torch.dtype | None = None,
         dist_context: DistContext | None = None,
         batch_indices: bool = False,
+        class_similarity: ClassSimilarity | None = None,
     ) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -119,6 +171,7 @@ class CLStrategy(SupervisedTemplate):
         self.autocast_dtype = autocast_dtype
         self.dist = dist_context or DistContext()
         self.batch_indices = batch_indices
+        self.class_similarity = class_similarity if class_similarity is not None else ClassSimilarity()
         self.experience_index = 0
         self.total_steps = 0
         self.base_lr = 0.0
@@ -129,7 +182,8 @@ class CLStrategy(SupervisedTemplate):
         targets = [int(t) for t in dataset.targets]
         self.experience_index = int(self.experience.current_experience)
         self.total_steps = self.iterations_for(len(dataset))
-        sampler = self.batch_sampler_factory(self.experience_index, targets, self.total_steps)
+        similarity = self.class_similarity.get(self.experience_index)
+        sampler = self.batch_sampler_factory(self.experience_index, targets, self.total_steps, similarity)
         if self.dist.enabled:
             sampler = ShardedBatches(sampler, self.dist)
         collate = getattr(dataset, "collate_fn", None)

@@ -49,7 +49,6 @@ from cl_proxyfda.synthetic import (
     cache_root,
     derived_seed,
     eval_transform,
-    keep_captured_features,
     load_plan,
     prepare_experience,
     stream_key,
@@ -210,7 +209,7 @@ class GIFTPlugin(CLPlugin):
             self.teacher_text_forwards += 1
             self._student_text = None
             if not model.text_trainable:
-                with keep_captured_features(model):
+                with model.side_forward():
                     self._student_text = self._encode_texts(model, self._prompts).float()
         self.experiences_prepared += 1
 
@@ -243,7 +242,7 @@ class GIFTPlugin(CLPlugin):
                 self.teacher_image_forwards += 1
             w0 = self._teacher_text[pids.to(self._teacher_text.device)]
             m0 = similarity_logits(u0, w0, teacher.logit_scale.float())
-        with keep_captured_features(model), autocast_context(strategy):
+        with model.side_forward(), autocast_context(strategy):
             u = model.encode_image(x)
             if self._student_text is not None:
                 w = self._student_text[pids.to(self._student_text.device)]

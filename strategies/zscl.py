@@ -78,7 +78,6 @@ from cl_proxyfda.synthetic import (
     autocast_context,
     derived_seed,
     eval_transform,
-    keep_captured_features,
 )
 from cl_proxyfda.teacher import teacher_bank, unwrap
 
@@ -239,7 +238,7 @@ class ZSCLPlugin(CLPlugin):
         own_text = self.params.student_text == "student" and model.text_trainable
         with torch.no_grad():
             u0 = teacher.encode_image(x.to(next(teacher.parameters()).dtype)).float()
-        with keep_captured_features(model), autocast_context(strategy):
+        with model.side_forward(), autocast_context(strategy):
             u = model.encode_image(x).float()
             w = model.encode_text(texts).float() if own_text else None
         return zscl_distillation(

@@ -194,7 +194,7 @@ def test_named_layer_feature():
     fda = plugin(feature="block1")
     assert fda.needs_layers == ("block1",)
     strategy = train(model, bench, [fda])
-    assert "block1" in model.last["layers"]
+    assert "block1" in model.last_features()["layers"]
     assert math.isfinite(fda.loss_terms["proxy_fda"])
     assert teacher_bank(strategy).forward_count == 2
 

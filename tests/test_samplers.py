@@ -154,3 +154,96 @@ def test_hard_mining_is_hard_on_clip_like_class_similarities():
         nearest = np.argsort(-np.where(np.arange(100) == classes[0], -9, sim[classes[0]]))[:15]
         hits.append(len(set(classes[1:].tolist()) & set(nearest.tolist())) / 15)
     assert np.mean(hits) > 0.45  # measured 0.61; uniform draws give 15 / 99 = 0.15
+
+
+# ------------------------------------------------------------ the strategy's service
+def _hand_built_strategy(tiny_stream_root, sampler_calls: list, **kwargs):
+    from cl_proxyfda.benchmarks.stream import to_avalanche
+    from cl_proxyfda.models import build_task_model
+    from cl_proxyfda.registry import STREAMS, load_builtin_components
+    from cl_proxyfda.training import CLStrategy
+
+    load_builtin_components()
+    stream = STREAMS.build("image_folder", {"root": str(tiny_stream_root)})
+    model, _, eval_tf = build_task_model("cl-test-tiny", None, [t.vocabulary for t in stream.tasks])
+
+    def factory(index, targets, iterations, similarity):
+        sampler_calls.append((index, similarity))
+        return RandomBatchSampler(len(targets), 4, iterations, seed=index)
+
+    strategy = CLStrategy(
+        model=model, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=4, plugins=[], device=torch.device("cpu"),
+        lr_for_experience=lambda i: 1e-3, iterations_for=lambda n: 1, batch_sampler=factory, **kwargs,
+    )
+    return strategy, to_avalanche(stream.tasks, eval_tf, eval_tf)
+
+
+def test_class_similarity_service_of_a_hand_built_strategy(tiny_stream_root):
+    from cl_proxyfda.training import ClassSimilarity
+
+    calls: list = []
+    strategy, bench = _hand_built_strategy(tiny_stream_root, calls)
+    assert isinstance(strategy.class_similarity, ClassSimilarity) and len(strategy.class_similarity) == 0
+    strategy.train(bench.train_stream[0], eval_streams=[])
+    assert calls == [(0, None)]  # nothing set: the sampler draws classes without mining
+    sim = group_similarity(3, group=1)
+    strategy.class_similarity.set(1, sim)
+    strategy.train(bench.train_stream[1], eval_streams=[])
+    index, given = calls[-1]
+    assert index == 1 and given.dtype == np.float64 and np.array_equal(given, sim)
+    assert 1 in strategy.class_similarity and 0 not in strategy.class_similarity
+    shared = ClassSimilarity()
+    strategy2, _ = _hand_built_strategy(tiny_stream_root, [], class_similarity=shared)
+    assert strategy2.class_similarity is shared
+
+
+def test_class_similarity_service_checks_its_matrices_and_joins_a_bare_strategy():
+    from avalanche.training.templates import SupervisedTemplate
+
+    from cl_proxyfda.training import ClassSimilarity, class_similarity_of
+
+    service = ClassSimilarity()
+    with pytest.raises(ValueError, match="experience 2 must be a square matrix, got shape \\(3, 2\\)"):
+        service.set(2, np.zeros((3, 2)))
+    assert service.get(2) is None and len(service) == 0
+    model = torch.nn.Linear(4, 2)
+    bare = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=2, evaluator=None)
+    first = class_similarity_of(bare)
+    assert isinstance(first, ClassSimilarity) and class_similarity_of(bare) is first and bare.class_similarity is first
+
+
+def test_runner_fills_the_service_and_the_sampler_mines_with_it(tmp_path, tiny_stream_root):
+    from avalanche.core import SupervisedPlugin
+
+    from cl_proxyfda.config import parse_config
+    from cl_proxyfda.runner import _pretrained_train_features, build_run, execute
+    from conftest import tiny_config
+
+    class SamplerProbe(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list = []
+
+        def before_training_epoch(self, strategy, **kwargs):
+            sampler = strategy.dataloader.batch_sampler
+            self.seen.append((sampler.hard_mining_active, sampler.class_similarity))
+
+    def run_with(mining: bool, name: str):
+        train = {"iterations": 2, "batch_size": 4, "images_per_class": 2, "hard_class_mining": mining}
+        cfg = tiny_config(tiny_stream_root, tmp_path / name, strategies=[{"name": "proxy_fda", "k": 3}], train=train)
+        cfg["stream"]["tasks"] = ["warm", "cool"]
+        run = build_run(parse_config(cfg))
+        probe = SamplerProbe()
+        run.strategy.plugins.append(probe)
+        execute(run, quiet=True)
+        return run, probe.seen
+
+    run, seen = run_with(True, "mined")
+    assert len(run.strategy.class_similarity) == 2 and [active for active, _ in seen] == [True, True]
+    for index, (_, given) in enumerate(seen):
+        stored = run.strategy.class_similarity.get(index)
+        assert np.array_equal(given, stored) and stored.shape == (3, 3)
+        feats, labels = _pretrained_train_features(run, index)  # pre-trained features of the task's images
+        np.testing.assert_allclose(stored, class_mean_similarity(feats, labels), rtol=0, atol=1e-6)
+    run, seen = run_with(False, "plain")
+    assert len(run.strategy.class_similarity) == 0 and seen == [(False, None), (False, None)]
