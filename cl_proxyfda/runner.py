@@ -248,9 +248,9 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         autocast_dtype=amp,
         dist_context=ctx,
         batch_indices=cfg.train.teacher_table,
-    )
-    strategy.teachers = TeacherBank(
-        initial_state=initial_state, half=cfg.run.teacher_half, table=cfg.train.teacher_table, table_batch_size=cfg.eval.batch_size
+        teachers=TeacherBank(
+            initial_state=initial_state, half=cfg.run.teacher_half, table=cfg.train.teacher_table, table_batch_size=cfg.eval.batch_size
+        ),
     )
     benchmark = to_avalanche(tasks, pre_train if cfg.train.augment else pre_eval, pre_eval)
     test_sets = [t.test for t in tasks] + ([stream.control.test] if stream.control is not None else [])

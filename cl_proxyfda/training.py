@@ -9,8 +9,11 @@
 - class heads recomputed after each step when the text tower trains.
 
 Services the strategy holds for its plugins and its sampler are typed fields with a
-default for a strategy built by hand: ``class_similarity`` (:class:`ClassSimilarity`,
-read by the batch sampler; :func:`class_similarity_of` on any Avalanche strategy).
+default for a strategy built by hand: ``teachers`` (:class:`~cl_proxyfda.teacher.TeacherBank`,
+the frozen references; :func:`~cl_proxyfda.teacher.teacher_bank` on any Avalanche
+strategy), ``class_similarity`` (:class:`ClassSimilarity`, read by the batch sampler;
+:func:`class_similarity_of`) and ``synthetic`` (the synthetic-loss channel,
+:class:`~cl_proxyfda.synthetic_terms.SyntheticChannel`; :func:`~cl_proxyfda.synthetic_terms.synthetic_channel`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
-from cl_proxyfda.teacher import unwrap
+from cl_proxyfda.synthetic_terms import SyntheticChannel
+from cl_proxyfda.teacher import TeacherBank, unwrap
 
 
 def warmup_cosine(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -115,10 +119,13 @@ class CLStrategy(SupervisedTemplate):
     ``batch_sampler(experience_index, targets, iterations, class_similarity) -> iterable
     of index lists`` (``class_similarity``: the experience's matrix from the
     ``class_similarity`` service, or ``None``), ``class_similarity`` (the service; an
-    empty :class:`ClassSimilarity` by default).
+    empty :class:`ClassSimilarity` by default), ``teachers`` (a default ``TeacherBank``:
+    references copied from the model when first asked for).
     """
 
     class_similarity: ClassSimilarity
+    teachers: TeacherBank
+    synthetic: SyntheticChannel
 
     def __init__(
         self,
@@ -142,6 +149,7 @@ class CLStrategy(SupervisedTemplate):
         dist_context: DistContext | None = None,
         batch_indices: bool = False,
         class_similarity: ClassSimilarity | None = None,
+        teachers: TeacherBank | None = None,
     ) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -172,6 +180,8 @@ class CLStrategy(SupervisedTemplate):
         self.dist = dist_context or DistContext()
         self.batch_indices = batch_indices
         self.class_similarity = class_similarity if class_similarity is not None else ClassSimilarity()
+        self.teachers = teachers if teachers is not None else TeacherBank()
+        self.synthetic = SyntheticChannel()
         self.experience_index = 0
         self.total_steps = 0
         self.base_lr = 0.0

@@ -6,7 +6,7 @@ eps)``, where ``g`` is the gradient of the synthetic-data losses at the current
 parameters, re-estimated at every iteration (``adaptive``) or averaged over the first
 ``static_iterations`` iterations and then frozen (``static``, EWC-like).
 
-**The synthetic losses** come through the channel of :mod:`.synthetic_terms` (GIFT
+**The synthetic losses** come through the strategy's channel, :mod:`cl_proxyfda.synthetic_terms` (GIFT
 publishes, AWC consumes; neither owns it). AWC *claims* the terms it uses
 (``claim_synthetic_gradients``, in ``before_training_iteration``); a claimed term is
 added to ``strategy.loss`` detached (its value still counts), AWC computes
@@ -35,7 +35,7 @@ from cl_proxyfda.losses.awc import AWC_EPS, TINY_IMPORTANCE, ImportanceTracker, 
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
 from cl_proxyfda.strategies.base import CLPlugin
-from cl_proxyfda.strategies.synthetic_terms import (
+from cl_proxyfda.synthetic_terms import (
     ALL_SOURCES,
     SyntheticTerm,
     claim_synthetic_gradients,
@@ -55,8 +55,8 @@ class AWCParams(BaseModel):
     static_iterations: int = Field(100, ge=1, le=10_000_000, description="k of the static mode")
     loss_source: Literal["gift", "strategy"] = Field(
         "gift",
-        description="gift: the synthetic loss the gift strategy publishes; strategy: strategy.synthetic_loss, "
-        "every term published through publish_synthetic_loss in the iteration",
+        description="gift: the synthetic loss the gift strategy publishes; strategy: every term published on "
+        "the strategy's synthetic-loss channel in the iteration",
     )
     reuse_gradient: bool = Field(True, description="reuse grad(synthetic loss) in the update (no second backward over it)")
     follow_gift_doubling: bool = Field(True, description="multiply weight by 2 when gift has paper_doubled_weights: true")

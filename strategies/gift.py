@@ -14,8 +14,9 @@ synthetic set is fixed within an experience, so the teacher's image and text emb
 of the whole set are computed once per experience (``cache_teacher``); so are the
 student's text embeddings when its text tower is frozen.
 
-The synthetic term is published through AWC's hook (``strategy.synthetic_loss``) so that
-the ``awc`` strategy can take its importance from it without a second backward.
+The synthetic term is published on the strategy's synthetic-loss channel
+(:mod:`cl_proxyfda.synthetic_terms`) so that the ``awc`` strategy can take its importance
+from it without a second backward.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from cl_proxyfda.losses.gift import (
     similarity_logits,
 )
 from cl_proxyfda.registry import STRATEGIES
-from cl_proxyfda.strategies.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
+from cl_proxyfda.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
 from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (

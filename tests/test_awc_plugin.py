@@ -20,7 +20,7 @@ from cl_proxyfda.runner import build_run, execute  # noqa: E402
 from cl_proxyfda.strategies.anchors import trainable_named_parameters  # noqa: E402
 from cl_proxyfda.strategies.awc import AWCParams, AWCPlugin  # noqa: E402
 from cl_proxyfda.strategies.base import CLPlugin  # noqa: E402
-from cl_proxyfda.strategies.synthetic_terms import add_synthetic_loss, current_synthetic_terms, publish_synthetic_loss  # noqa: E402
+from cl_proxyfda.synthetic_terms import add_synthetic_loss, current_synthetic_terms, publish_synthetic_loss  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 
 

@@ -80,72 +80,9 @@ The package: :mod:`~cl_proxyfda.compare.plan` (file schema, variants, grids, pla
 """
 from __future__ import annotations
 
-from cl_proxyfda.compare.plan import (
-    ComparisonFile,
-    ComparisonPlan,
-    PlannedRun,
-    VariantPlan,
-    VariantSpec,
-    folder_name,
-    grid_points,
-    load_comparison,
-    plan_comparison,
-)
-from cl_proxyfda.compare.report import (
-    COMPARISON_CSV,
-    COMPARISON_MD,
-    CURVES_PNG,
-    FRONTIER_PNG,
-    METRIC_COLUMNS,
-    PROBE_COLUMNS,
-    TASK_AGNOSTIC_COLUMNS,
-    VariantRow,
-    csv_columns,
-    format_csv,
-    format_markdown,
-    mean_std,
-    pareto_front,
-    plot_curves,
-    plot_frontier,
-    run_values,
-    summarize_variants,
-    table_columns,
-    table_lines,
-    write_report,
-)
-from cl_proxyfda.compare.run import ComparisonResult, RunOutcome, run_comparison
+from cl_proxyfda.compare import plan, report, run
+from cl_proxyfda.compare.plan import *  # noqa: F403 (the package re-exports its modules' __all__)
+from cl_proxyfda.compare.report import *  # noqa: F403
+from cl_proxyfda.compare.run import *  # noqa: F403
 
-__all__ = [
-    "ComparisonFile",
-    "VariantSpec",
-    "PlannedRun",
-    "VariantPlan",
-    "ComparisonPlan",
-    "RunOutcome",
-    "VariantRow",
-    "ComparisonResult",
-    "METRIC_COLUMNS",
-    "PROBE_COLUMNS",
-    "TASK_AGNOSTIC_COLUMNS",
-    "COMPARISON_MD",
-    "COMPARISON_CSV",
-    "FRONTIER_PNG",
-    "CURVES_PNG",
-    "table_columns",
-    "load_comparison",
-    "plan_comparison",
-    "run_comparison",
-    "summarize_variants",
-    "format_markdown",
-    "format_csv",
-    "table_lines",
-    "csv_columns",
-    "grid_points",
-    "folder_name",
-    "pareto_front",
-    "mean_std",
-    "run_values",
-    "plot_frontier",
-    "plot_curves",
-    "write_report",
-]
+__all__ = [*plan.__all__, *run.__all__, *report.__all__]

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from cl_proxyfda.compare.run import RunOutcome
 
 __all__ = [
+    "COMPARISON_MD",
+    "COMPARISON_CSV",
+    "FRONTIER_PNG",
+    "CURVES_PNG",
     "VariantRow",
     "METRIC_COLUMNS",
     "PROBE_COLUMNS",

@@ -1,11 +1,13 @@
 """The synthetic-loss channel: plugins with a loss on synthetic data publish it here and
 a consumer of its gradient (AWC) claims it; neither owns the other.
 
+The channel is a service of the strategy (:class:`SyntheticChannel`, the typed field
+``CLStrategy.synthetic``; :func:`synthetic_channel` gives it on any Avalanche strategy).
 A producer (GIFT) publishes its term with :func:`publish_synthetic_loss` in
 ``after_forward`` (so that every plugin's ``before_backward`` sees it whatever the plugin
 order) and adds it to the total loss with :func:`add_synthetic_loss` in
-``before_backward``. ``strategy.synthetic_loss`` holds the sum of the terms published in
-the current iteration. A consumer *claims* the sources whose gradient it will add itself
+``before_backward``. ``channel.total`` holds the sum of the terms published in the
+current iteration. A consumer *claims* the sources whose gradient it will add itself
 (:func:`claim_synthetic_gradients`, in ``before_training_iteration``): a claimed term
 enters ``strategy.loss`` detached (its value still counts), so the consumer can take
 ``autograd.grad(term, params)`` once and add it to ``p.grad`` after the backward, and
@@ -14,7 +16,7 @@ the update still holds exactly the gradient of the total loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -39,40 +41,49 @@ def _stamp(strategy: Any) -> Any:
     return (strategy.clock.train_iterations, id(strategy.mbatch))
 
 
-def _terms(strategy: Any) -> dict[str, SyntheticTerm]:
-    terms = getattr(strategy, "synthetic_terms", None)
-    if terms is None:
-        terms = {}
-        strategy.synthetic_terms = terms
-    return terms
+@dataclass
+class SyntheticChannel:
+    """The strategy's synthetic-loss channel: this iteration's terms by source, the
+    sources a consumer claimed, and the sum of the published terms (``total``)."""
+
+    terms: dict[str, SyntheticTerm] = field(default_factory=dict)
+    claims: set[str] = field(default_factory=set)
+    total: Tensor | None = None
 
 
-def _claims(strategy: Any) -> set[str]:
-    return set(getattr(strategy, "synthetic_claims", ()) or ())
+def synthetic_channel(strategy: Any) -> SyntheticChannel:
+    """The strategy's channel (``CLStrategy.synthetic``; attached on first use to any other
+    Avalanche strategy)."""
+    channel = getattr(strategy, "synthetic", None)
+    if channel is None:
+        channel = SyntheticChannel()
+        strategy.synthetic = channel
+    return channel
 
 
 def claim_synthetic_gradients(strategy: Any, sources: set[str]) -> None:
     """Declare (for this iteration) that the gradient of these sources' terms is added by
     the caller after backward; ``{"*"}`` claims every source, an empty set none."""
-    strategy.synthetic_claims = set(sources)
+    synthetic_channel(strategy).claims = set(sources)
 
 
 def current_synthetic_terms(strategy: Any) -> dict[str, SyntheticTerm]:
     """The terms published in the current iteration, by source name."""
     stamp = _stamp(strategy)
-    return {name: t for name, t in _terms(strategy).items() if t.stamp == stamp and t.loss is not None}
+    return {name: t for name, t in synthetic_channel(strategy).terms.items() if t.stamp == stamp and t.loss is not None}
 
 
 def publish_synthetic_loss(strategy: Any, source: str, loss: Tensor) -> None:
     """Publish ``loss`` (a scalar with its graph) as ``source``'s synthetic term of this
-    iteration; ``strategy.synthetic_loss`` becomes the sum of this iteration's terms."""
-    claims = _claims(strategy)
-    _terms(strategy)[source] = SyntheticTerm(loss, _stamp(strategy), claimed=source in claims or ALL_SOURCES in claims)
+    iteration; the channel's ``total`` becomes the sum of this iteration's terms."""
+    channel = synthetic_channel(strategy)
+    claimed = source in channel.claims or ALL_SOURCES in channel.claims
+    channel.terms[source] = SyntheticTerm(loss, _stamp(strategy), claimed=claimed)
     current = list(current_synthetic_terms(strategy).values())
     total = current[0].loss
     for t in current[1:]:
         total = total + t.loss
-    strategy.synthetic_loss = total
+    channel.total = total
 
 
 def add_synthetic_loss(strategy: Any, source: str) -> Tensor | None:
@@ -90,6 +101,7 @@ def add_synthetic_loss(strategy: Any, source: str) -> Tensor | None:
 
 def release_synthetic_terms(strategy: Any) -> None:
     """Drop the references to this iteration's graphs (after the backward)."""
-    for term in _terms(strategy).values():
+    channel = synthetic_channel(strategy)
+    for term in channel.terms.values():
         term.loss = None
-    strategy.synthetic_loss = None
+    channel.total = None
