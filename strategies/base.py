@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Mapping
 from avalanche.core import SupervisedPlugin
 from pydantic import BaseModel, ConfigDict
 
+from cl_proxyfda.distributed import DistContext, current
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -58,13 +60,22 @@ class RunContext:
     def num_experiences(self) -> int:
         return len(self.task_names)
 
+    @property
+    def dist(self) -> DistContext:
+        """This process's rank and the world size (side data takes its share by them; no local rank)."""
+        return DistContext(rank=self.rank, world=self.world)
+
     @classmethod
     def of_strategy(cls, strategy: Any) -> "RunContext":
-        """Defaults for a plugin on a strategy the runner did not build."""
+        """Defaults for a plugin on a strategy the runner did not build (the rank and world
+        of an initialised process group, if any)."""
         train = int(getattr(strategy, "train_mb_size", None) or cls.train_batch_size)
+        group = current()
         return cls(
             train_batch_size=train,
             eval_batch_size=int(getattr(strategy, "eval_mb_size", None) or train),
+            rank=group.rank,
+            world=group.world,
             device=str(getattr(strategy, "device", "cpu")),
         )
 

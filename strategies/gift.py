@@ -12,7 +12,10 @@ where ``M``/``M0`` are the student's/teacher's B x B similarity matrices of the 
 images against its own prompts and ``A`` the duplicate-aware matching targets. The
 synthetic set is fixed within an experience, so the teacher's image and text embeddings
 of the whole set are computed once per experience (``cache_teacher``); so are the
-student's text embeddings when its text tower is frozen.
+student's text embeddings when its text tower is frozen; and the transformed images are
+read once and kept in memory when they fit ``cache_images_mb`` (else every batch reads
+and transforms its files). Under ``torch.distributed`` each process takes its share of
+every synthetic batch (the tables hold the whole set, indexed by dataset position).
 
 The synthetic term is published on the strategy's synthetic-loss channel
 (:mod:`cl_proxyfda.synthetic_terms`) so that the ``awc`` strategy can take its importance
@@ -106,6 +109,9 @@ class GIFTParams(BaseModel):
     )
     cache_dir: str | None = Field(None, description="synthetic cache root (default: <run.output_dir>/synthetic)")
     cache_teacher: bool = Field(True, description="teacher embeddings of the synthetic set once per experience (false: per batch)")
+    cache_images_mb: float = Field(
+        1024.0, ge=0, description="keep the transformed synthetic set in memory when it fits this many MB (0: read the files at every batch)"
+    )
     paper_doubled_weights: bool = Field(False, description="double KD, ITA and AWC as the code at the time of the paper effectively did")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the prompt draw and of the image seeds (fixed: runs share one synthetic set)")
 
@@ -202,7 +208,10 @@ class GIFTPlugin(CLPlugin):
         self._images = TransformedImages(dataset, self._transform)
         seed = derived_seed(self.run_seed, index, 7)
         steps = int(strategy.total_steps)
-        self._batches = SideBatches(self._images, self.params.synthetic_batch_size, seed, self.workers, period=steps, device=strategy.device)
+        self._batches = SideBatches(
+            self._images, self.params.synthetic_batch_size, seed, self.workers, period=steps, dist=self.context(strategy).dist,
+            device=strategy.device, keep_mb=self.params.cache_images_mb,
+        )
         teacher = bank.get(strategy.model, "previous")
         self._teacher_image = self._encode_all_images(teacher, strategy) if self.params.cache_teacher else None
         with torch.no_grad():
@@ -221,8 +230,9 @@ class GIFTPlugin(CLPlugin):
 
     def _encode_all_images(self, teacher: Any, strategy: Any) -> Tensor:
         """The teacher's embeddings of the whole synthetic set, in dataset order."""
-        assert self._images is not None
-        out, forwards = embed_images(teacher, self._images, self.params.synthetic_batch_size, self.workers)
+        assert self._batches is not None
+        kept = self._batches.kept is not None
+        out, forwards = embed_images(teacher, self._batches.items, self.params.synthetic_batch_size, 0 if kept else self.workers)
         self.teacher_image_forwards += forwards
         return out
 

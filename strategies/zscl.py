@@ -35,7 +35,9 @@ options ``mtil/src/args.py``, the recipes ``mtil/scripts/*.sh``):
 - reference images: ImageNet's train set with the eval transform, ``--batch-size`` (64)
   per iteration, shuffled, cycled. Here: the stream's ``reference`` set (base-world
   images in the demo) or any image folder (``reference_folder``, searched recursively),
-  ``batch_size`` per iteration in seeded order;
+  ``batch_size`` per iteration in seeded order (kept in memory after the first read when
+  they fit ``cache_images_mb``; under ``torch.distributed`` each process takes its share of
+  every batch);
 - L2 (``--l2 1``, ``helpers.l2_loss``): the sum of squared differences to the weights
   loaded at the start of the task;
 - weight ensembling (``--we --avg_freq 100``, ``helpers.merge_we``): a running mean that
@@ -101,6 +103,9 @@ class ZSCLParams(BaseModel):
     )
     template: str = Field(BASE_TEMPLATE, description="template of the reference texts")
     batch_size: int = Field(64, ge=1, le=65536, description="reference images per iteration")
+    cache_images_mb: float = Field(
+        1024.0, ge=0, description="keep the transformed reference images in memory when they fit this many MB (0: read the files at every batch)"
+    )
     texts_per_batch: int | None = Field(
         None, ge=2, le=65536, description="reference texts drawn per iteration (default: all of them at every iteration, as in ZSCL's code)"
     )
@@ -220,7 +225,10 @@ class ZSCLPlugin(CLPlugin):
         index = strategy.experience_index
         data = TransformedImages(self.images, eval_transform(unwrap(strategy.model)))
         seed = derived_seed(self.seed, index, 11)
-        self._batches = SideBatches(data, self.params.batch_size, seed, self.workers, period=int(strategy.total_steps), device=strategy.device)
+        self._batches = SideBatches(
+            data, self.params.batch_size, seed, self.workers, period=int(strategy.total_steps), dist=self.context(strategy).dist,
+            device=strategy.device, keep_mb=self.params.cache_images_mb,
+        )
         self._text_rng = np.random.default_rng(derived_seed(self.seed, index, 12))
 
     def distillation_loss(self, strategy: Any) -> Tensor:

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo): same numbers as one process, outputs written once."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from cl_proxyfda.results import RunResults
 from cl_proxyfda.runner import build_run, execute
 from conftest import tiny_config
 
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+# torch's launcher as a module: a virtual environment need not have the torchrun script
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def free_port() -> int:
@@ -37,7 +39,7 @@ def test_two_processes_match_one(tmp_path, tiny_stream_root):
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cl_proxyfda", "run", str(path)],
+        [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cl_proxyfda", "run", str(path)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,7 +78,7 @@ def test_whole_classes_per_process_from_class_balanced_batches():
 def test_proxy_fda_parameters_stay_identical_across_processes():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(Path(__file__).parent / "ddp_plugin_sync.py")],
+        [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(Path(__file__).parent / "ddp_plugin_sync.py")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -92,9 +94,56 @@ def test_two_processes_run_proxy_fda_with_class_balanced_batches(tmp_path, tiny_
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cl_proxyfda", "run", str(path)],
+        [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "cl_proxyfda", "run", str(path)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = RunResults.load(tmp_path / "ddp" / "tiny")
     assert results.matrix().shape == (4, 3) and np.isfinite(results.matrix()).all()
+
+
+def test_gift_and_zscl_side_batches_are_shared_out_across_two_processes(tmp_path, tiny_stream_root, tiny_pipe):
+    """Each process draws its own half of every synthetic (GIFT) and reference (ZSCL) batch
+    of the one-process run, and GIFT's teacher table is indexed by the positions it drew."""
+    from ddp_side_data import record
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    names = tmp_path / "classes.txt"
+    names.write_text("circle\nsquare\nstar\n", encoding="utf-8")
+    strategies = [
+        {"name": "gift", "generator": {"name": "diffusers", "model": str(tiny_pipe), "steps": 2, "guidance": 1.0, "progress": False},
+         "images_per_experience": 8, "synthetic_batch_size": 4, "base_concepts": ["circle", "square", "star"],
+         "cache_dir": str(tmp_path / "synthetic")},
+        {"name": "zscl", "reference": "folder", "reference_folder": str(ref), "reference_classnames": str(names), "batch_size": 4},
+    ]
+    cfg = tiny_config(tiny_stream_root, tmp_path / "runs", strategies=strategies,
+                      train={"iterations": 3, "batch_size": 8, "augment": False})
+    cfg["stream"]["tasks"] = ["warm", "cool"]
+    path = tmp_path / "side.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    _, single = record(str(path))  # one process: the global batches (and the synthetic cache, reused below)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(Path(__file__).parent / "ddp_side_data.py"), str(path), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"side_rank{r}.json").read_text()) for r in range(2)]
+    for name in ("gift", "zscl"):
+        whole = single.batches[name]
+        assert len(whole) == 2 * 3 and all(len(b) == 4 for b in whole)  # 2 experiences x 3 iterations, batches of 4
+        first, second = ranks[0]["batches"][name], ranks[1]["batches"][name]
+        assert len(first) == len(second) == len(whole)
+        for k, batch in enumerate(whole):
+            assert len(first[k]) == len(second[k]) == 2
+            assert not set(first[k]) & set(second[k])  # disjoint shares
+            assert first[k] + second[k] == batch  # together: the one-process batch, in order
+    # the table rows at each process's positions are the teacher's embeddings of its own images
+    assert single.table_error < 1e-5
+    assert all(r["table_error"] < 1e-5 for r in ranks)

@@ -109,6 +109,40 @@ def test_gift_terms_enter_the_loss_and_teacher_embeddings_are_computed_once(tmp_
         assert b["gift_ita"] == pytest.approx(a["gift_ita"], rel=2e-3)
 
 
+def test_kept_synthetic_images_are_read_once_and_give_the_same_run(tmp_path, tiny_pipe, data_root, shared_cache, monkeypatch):
+    """The transformed synthetic set in memory (default ``cache_images_mb``) versus its files
+    read at every batch (0): each file read once per experience instead of per batch, and the
+    same losses at every iteration and the same weights (the tiny config augments: the same
+    RNG draws too)."""
+    from cl_proxyfda.generators.cache import SyntheticDataset
+
+    reads: list[int] = []
+    original = SyntheticDataset.__getitem__
+
+    def read(self, i):
+        reads.append(int(i))
+        return original(self, i)
+
+    monkeypatch.setattr(SyntheticDataset, "__getitem__", read)
+    runs = {}
+    for budget in (1024.0, 0.0):
+        reads.clear()
+        run, probe = make_run(tmp_path / f"mb{budget}", data_root, [gift_entry(tiny_pipe, shared_cache, cache_images_mb=budget)])
+        execute(run, quiet=True)
+        weights = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+        runs[budget] = (list(reads), probe.rows, weights, run.plugins[0])
+    kept_reads, kept_rows, kept_weights, kept = runs[1024.0]
+    read_reads, read_rows, read_weights, _ = runs[0.0]
+    # 8 images, batches of 4, 3 iterations per experience
+    assert kept_reads == ([0] + list(range(8))) * 2  # a size probe, then each image once
+    assert len(read_reads) == (8 + 3 * 4) * 2  # the teacher's pass, then every batch from the files
+    assert kept.teacher_image_forwards == 2 * 2
+    assert len(kept_rows) == len(read_rows) == 2 * 3
+    for a, b in zip(kept_rows, read_rows):
+        assert a == b  # exactly: the same tensors reach the same computations
+    assert torch.equal(kept_weights, read_weights)
+
+
 def test_prompt_pool_never_holds_the_current_task():
     EMPTY = ArrayImageDataset(np.zeros((0, 4, 4, 3), dtype=np.uint8), [])
     tasks = [
@@ -249,6 +283,7 @@ def test_generator_and_options_are_validated(tiny_pipe, data_root, tmp_path):
     defaults = GIFTParams()
     assert (defaults.images_per_experience, defaults.synthetic_batch_size, defaults.kd_weight, defaults.ita_weight) == (1000, 64, 1.0, 0.25)
     assert (defaults.kd_temperature, defaults.ita_label_smoothing, defaults.paper_doubled_weights, defaults.cache_teacher) == (2.0, 0.2, False, True)
+    assert defaults.cache_images_mb == 1024.0  # the synthetic set kept in memory up to 1 GiB
 
 
 def test_mtil_order1_gift_config_parses_and_builds_vit_b16():

@@ -70,7 +70,8 @@ def test_zscl_reference_batches_are_pinned(tmp_path, data_root, reads):
     folder = image_folder(tmp_path / "ref", 10, 0)
     names = tmp_path / "classes.txt"
     names.write_text("circle\nsquare\nstar\n", encoding="utf-8")
-    entry = {"name": "zscl", "reference": "folder", "reference_folder": str(folder), "reference_classnames": str(names), "batch_size": 4}
+    entry = {"name": "zscl", "reference": "folder", "reference_folder": str(folder), "reference_classnames": str(names), "batch_size": 4,
+             "cache_images_mb": 0}  # the files read at every batch (the plan as it reads them)
     run = run_of(tmp_path, data_root, [entry])
     execute(run, quiet=True)
     assert reads == ZSCL_PINNED  # 2 experiences x 3 iterations x 4 images
@@ -84,11 +85,34 @@ def test_gift_synthetic_batches_are_pinned(tmp_path, tiny_pipe, data_root, reads
         "synthetic_batch_size": 4,
         "base_concepts": ["circle", "square", "star"],
         "cache_dir": str(tmp_path / "cache"),
+        "cache_images_mb": 0,  # the files read at every batch (the plan as it reads them)
     }
     run = run_of(tmp_path, data_root, [entry])
     execute(run, quiet=True)
     # per experience: the teacher's pass over the 6 images, then 3 batches of 4
     assert reads == GIFT_PINNED
+
+
+def test_kept_side_data_is_read_once_per_experience_with_the_same_plan(tmp_path, data_root, reads, monkeypatch):
+    """ZSCL's reference images in memory (the default budget): each file is read once per
+    experience (after one size probe), and the batches are cut from memory in the pinned plan."""
+    folder = image_folder(tmp_path / "ref", 10, 0)
+    names = tmp_path / "classes.txt"
+    names.write_text("circle\nsquare\nstar\n", encoding="utf-8")
+    entry = {"name": "zscl", "reference": "folder", "reference_folder": str(folder), "reference_classnames": str(names), "batch_size": 4}
+    run = run_of(tmp_path, data_root, [entry])
+    drawn: list[int] = []
+    original = SideBatches.next
+
+    def record(self):
+        x, index = original(self)
+        drawn.extend(index.tolist())
+        return x, index
+
+    monkeypatch.setattr(SideBatches, "next", record)
+    execute(run, quiet=True)
+    assert reads == ([0] + list(range(10))) * 2
+    assert drawn == ZSCL_PINNED
 
 
 def test_infusing_generic_batches_are_pinned(tmp_path, data_root, reads):
@@ -147,6 +171,36 @@ def test_each_rank_gets_a_disjoint_share_of_every_global_batch():
     for k, batch in enumerate(whole):
         assert [len(s[k]) for s in shares] == [2, 2, 2]
         assert shares[0][k] + shares[1][k] + shares[2][k] == batch  # contiguous, disjoint, complete
+
+
+class Noisy(Numbers):
+    """Items of different sizes than Numbers: 3 x 4 x 4 floats, a function of the index."""
+
+    def __getitem__(self, i: int):
+        return torch.arange(48, dtype=torch.float32).reshape(3, 4, 4) * (i + 1) / 7, i
+
+
+def test_kept_batches_equal_read_batches_and_draw_the_same_global_rng():
+    n, size = 11, 48 * 4  # bytes per item
+    for dist in (None, DistContext(rank=1, world=2)):
+        torch.manual_seed(3)
+        read = SideBatches(Noisy(n), 4, 9, period=5, dist=dist)
+        got_read = [read.next() for _ in range(12)]  # past the period: the loader starts again
+        state_read = torch.get_rng_state()
+        torch.manual_seed(3)
+        kept = SideBatches(Noisy(n), 4, 9, period=5, dist=dist, keep_mb=n * size / 2**20)  # exactly fits
+        assert kept.kept is not None and kept.kept.shape == (n, 3, 4, 4)
+        got_kept = [kept.next() for _ in range(12)]
+        assert torch.equal(torch.get_rng_state(), state_read)  # the same draws of the global RNG
+        for (xa, ia), (xb, ib) in zip(got_read, got_kept):
+            assert torch.equal(ia, ib) and ia.dtype == ib.dtype == torch.long
+            assert torch.equal(xa, xb)
+        assert [len(i) for _, i in got_kept] == [2 if dist else 4] * 12
+        # the per-item view serves a table in dataset order
+        x0, i0 = kept.items[5]
+        assert torch.equal(x0, Noisy(n)[5][0]) and int(i0) == 5
+    assert SideBatches(Noisy(n), 4, 9, period=5, keep_mb=(n * size - 1) / 2**20).kept is None  # one byte short: read
+    assert SideBatches(Noisy(n), 4, 9, period=5).kept is None  # off by default
 
 
 def test_close_stops_the_batches():
