@@ -2,7 +2,9 @@
 
 Features are L2-normalised and stored as float32, so inner products are cosines.
 Used by Proxy-FDA's ``graph: bank`` option: the reference-space neighbours of each
-anchor are looked up among the whole training set of the experience, not only the batch.
+anchor are looked up among the whole training set of the experience, not only the batch;
+by the k-NN probe (:mod:`cl_proxyfda.probe`); and by :func:`knn_accuracy`, the
+leave-one-out score of Infusing's model selection on its generic validation images.
 """
 from __future__ import annotations
 
@@ -68,3 +70,25 @@ class FeatureBank:
         no_self = keep.all(dim=1)
         keep[no_self, -1] = False
         return sims_t[keep].view(-1, k), idx_t[keep].view(-1, k)
+
+
+def knn_accuracy(embeds: Tensor, labels: Tensor, k: int = 10) -> float:
+    """Leave-one-out k-NN accuracy (%) of cosine retrieval within a labelled set.
+
+    Each item's ``k`` most similar other items (a :class:`FeatureBank` of the set itself,
+    each item's own hit excluded; ``k`` is capped at ``n - 1``) vote for their labels;
+    ties go to the label whose voters are the most similar in total.
+    """
+    n = embeds.shape[0]
+    if n < 2:
+        raise ValueError("knn_accuracy needs at least two items")
+    k = min(k, n - 1)
+    sims_t, idx_t = FeatureBank(embeds).search(embeds, k, exclude=torch.arange(n))
+    sims, idx = sims_t.numpy(), idx_t.numpy()
+    y = labels.detach().cpu().numpy().astype(np.int64)
+    classes, y_index = np.unique(y, return_inverse=True)
+    votes = np.zeros((n, len(classes)))
+    rows = np.repeat(np.arange(n), k)
+    # One vote per neighbour; the similarity sum (< k) breaks ties only.
+    np.add.at(votes, (rows, y_index[idx].ravel()), 1.0 + 1e-3 * (sims.ravel() + 1.0) / 2.0)
+    return 100.0 * float((votes.argmax(axis=1) == y_index).mean())

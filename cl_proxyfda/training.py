@@ -7,6 +7,10 @@
   rate) and a warm-up + cosine schedule per experience;
 - gradient clipping, and a NaN/inf guard naming the experience, iteration and terms;
 - class heads recomputed after each step when the text tower trains.
+
+Its ``criterion()`` obeys the strategy's ``criterion_gate``
+(:mod:`cl_proxyfda.criterion_gate`): plugins whose own loss replaces the criterion on
+some batches (Infusing) mute it there.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from cl_proxyfda.criterion_gate import GatedCriterion
 from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
 from cl_proxyfda.teacher import unwrap
@@ -62,7 +67,7 @@ class CollateWithIndex:
         return batch[:-1] + [indices, batch[-1]]
 
 
-class CLStrategy(SupervisedTemplate):
+class CLStrategy(GatedCriterion, SupervisedTemplate):
     """SupervisedTemplate with per-experience step budgets, samplers and schedules.
 
     Args beyond Avalanche's: ``lr_for_experience(i) -> lr``, ``iterations_for(n_items)``,

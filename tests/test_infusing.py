@@ -13,22 +13,23 @@ from PIL import Image
 
 from cl_proxyfda.config import parse_config, read_yaml
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.knn import knn_accuracy
 from cl_proxyfda.losses.infusing import (
     cosine_classifier_ce,
     distill_weight_for_dim,
     embedding_distillation,
-    knn_accuracy,
     per_tensor_mean_l2,
 )
+from cl_proxyfda.models import model_transforms
 from cl_proxyfda.runner import build_run, execute
 from cl_proxyfda.strategies.infusing import (
     BestCheckpointPlugin,
     CosineHeadPlugin,
     GenericDistillPlugin,
-    InfusingPlugin,
     MeanL2Plugin,
+    VisionOnlyPlugin,
     batch_source,
-    model_transforms,
+    infusing_plugins,
     stratified_split,
 )
 from conftest import tiny_config
