@@ -2,7 +2,6 @@
 with downstream ones, their embeddings distilled to the pre-trained model's."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import torch
@@ -19,6 +18,7 @@ from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.strategies.infusing.data import IndexedImages, generic_dataset, stratified_split, task_id_of
 from cl_proxyfda.strategies.infusing.source import GENERIC_BATCH
+from cl_proxyfda.synthetic import autocast_context
 from cl_proxyfda.teacher import student_outputs, teacher_bank, unwrap
 
 
@@ -32,13 +32,6 @@ class GenericParams(BaseModel):
     batch_size: int | None = Field(None, gt=0, le=65536, description="generic batch size (default train.batch_size)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="generic images held out for model selection")
     limit: int | None = Field(None, gt=0, description="use at most this many generic images (seeded)")
-
-
-def _autocast(strategy: Any) -> Any:
-    dtype = getattr(strategy, "autocast_dtype", None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(strategy.device.type, dtype=dtype)
 
 
 class GenericDistillPlugin(CLPlugin):
@@ -203,7 +196,7 @@ class GenericDistillPlugin(CLPlugin):
         if self.weight == 0 or self.targets is None:
             return
         if self.mode == "joint":
-            with _autocast(strategy):
+            with autocast_context(strategy):
                 embeds = unwrap(strategy.model).encode_image(self._x)
         elif self._generic_batch:
             embeds = student_outputs(strategy)["image_embeds"]
