@@ -38,12 +38,14 @@ class FeatureBank:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None, force_blas: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` most similar bank entries of each query: ``(sims, idx)``, both (Q, k).
 
         ``exclude`` (Q,) gives, for queries that are themselves in the bank, their own
         bank index: that entry is removed from the result (self-exclusion). Rows are
         sorted by decreasing cosine similarity; ``idx`` is a LongTensor of bank indices.
+        ``force_blas=False`` leaves the search path to faiss (exactly tied entries may
+        then come in another order).
         """
         q = _as_float32(queries)
         if q.shape[1] != self.dim:
@@ -54,7 +56,7 @@ class FeatureBank:
         # faiss searches query by query below cvar.distance_compute_blas_threshold
         # (128000 = queries x dim); one BLAS product is 4-6x faster for batch-sized queries.
         saved = faiss.cvar.distance_compute_blas_threshold
-        faiss.cvar.distance_compute_blas_threshold = 1
+        faiss.cvar.distance_compute_blas_threshold = 1 if force_blas else saved
         try:
             sims, idx = self.index.search(q, k + extra)
         finally:
@@ -83,7 +85,9 @@ def knn_accuracy(embeds: Tensor, labels: Tensor, k: int = 10) -> float:
     if n < 2:
         raise ValueError("knn_accuracy needs at least two items")
     k = min(k, n - 1)
-    sims_t, idx_t = FeatureBank(embeds).search(embeds, k, exclude=torch.arange(n))
+    # faiss's own search path, as the model selection has always scored: the forced BLAS
+    # path can order exactly tied neighbours (duplicate images) differently
+    sims_t, idx_t = FeatureBank(embeds).search(embeds, k, exclude=torch.arange(n), force_blas=False)
     sims, idx = sims_t.numpy(), idx_t.numpy()
     y = labels.detach().cpu().numpy().astype(np.int64)
     classes, y_index = np.unique(y, return_inverse=True)

@@ -103,6 +103,28 @@ def test_knn_accuracy_by_hand():
     assert knn_accuracy(dup, torch.tensor([0, 1, 1, 0]), k=1) == pytest.approx(0.0)
 
 
+def test_knn_accuracy_matches_a_brute_force_vote():
+    """A set large enough for faiss's BLAS path: the torch top-k of the cosine matrix
+    (self excluded), majority of the labels, gives the same accuracy. Two classes and an
+    odd k: no tied votes, so float noise in the similarity tie-break cannot matter."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(300, 64, generator=g)
+    y = torch.randint(0, 2, (300,), generator=g)
+    e[y == 1] += 0.15  # some structure, so that the score is neither chance nor 100
+    x = torch.nn.functional.normalize(e, dim=1)
+    sims = x @ x.t()
+    sims.fill_diagonal_(-float("inf"))
+    scores = []
+    for k in (1, 7, 15):
+        top = sims.topk(k, dim=1).indices
+        majority = (y[top].sum(dim=1) * 2 > k).long()
+        expected = 100.0 * float((majority == y).double().mean())
+        scores.append(expected)
+        assert knn_accuracy(e, y, k=k) == pytest.approx(expected, abs=1e-9)
+    assert 55 < max(scores) < 100
+    assert knn_accuracy(e, y, k=1000) == knn_accuracy(e, y, k=299)  # k capped at n - 1
+
+
 def test_stratified_split_is_seeded_and_keeps_every_class():
     targets = [0] * 6 + [1] * 6 + [2] * 1
     train, val = stratified_split(targets, 0.1, seed=3)
