@@ -39,10 +39,12 @@ def infusing_plugins(
     l2: MeanL2Plugin | None = None,
     select: BestCheckpointPlugin | None = None,
     vision_only: bool = True,
+    run: RunContext | None = None,
 ) -> list[CLPlugin]:
     """The recipe's plugins in their order: the vision-only check, then generic, head, L2
-    and selection (parts given as ``None`` are left out). Add them all to the strategy."""
-    check: list[CLPlugin] = [VisionOnlyPlugin()] if vision_only else []
+    and selection (parts given as ``None`` are left out). Add them all to the strategy.
+    ``run``: the runner's context, for the vision-only check (the parts carry their own)."""
+    check: list[CLPlugin] = [VisionOnlyPlugin(run=run)] if vision_only else []
     return [*check, *(p for p in (generic, head, l2, select) if p is not None)]
 
 
@@ -70,6 +72,7 @@ class Infusing(Configurable):
             l2=MeanL2Plugin.from_params(p.l2, run) if p.l2 is not None else None,
             select=BestCheckpointPlugin.from_params(p.select, run) if p.select is not None else None,
             vision_only=p.vision_only,
+            run=run,
         )
 
     @classmethod
