@@ -20,15 +20,19 @@ from cl_proxyfda.teacher import unwrap
 
 
 class _Transformed(Dataset):
-    def __init__(self, base: Dataset, transform: Callable) -> None:
+    """``(transform(item[0]), int(item[1]))``; items already transformed pass as they are
+    (``transform`` None), and fields after the label (a task label) are left out."""
+
+    def __init__(self, base: Dataset, transform: Callable | None) -> None:
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image, label = self.base[i]
-        return self.transform(image), int(label)
+        item = self.base[i]
+        x = item[0] if self.transform is None else self.transform(item[0])
+        return x, int(item[1])
 
 
 def keep_if_fits(batches: Iterable[tuple[Tensor, Tensor]], budget_bytes: float, keep: Callable[[Tensor, Tensor], None]) -> Iterator[tuple[Tensor, Tensor]]:
@@ -67,19 +71,33 @@ class TaskEvaluator:
     """Evaluates a ``CLIPTaskModel`` on a fixed list of test sets.
 
     Args:
-        datasets: one test set per task id, yielding (PIL image, label).
+        datasets: one test set per task id, yielding (PIL image, label); with
+            ``transform=None``, (input tensor, key) items already transformed (a plugin's
+            held-out sets: Infusing's validation splits, keyed by label or position).
         transform: the model's eval transform.
         batch_size: evaluation batch size.
         cache_mb: keep preprocessed inputs in memory up to this many MB in total.
+        own_rng: loaders draw their seed from a generator of their own, so that an
+            evaluation inside training leaves the global RNG as it was.
     """
 
-    def __init__(self, datasets: Sequence[Dataset], transform: Callable, batch_size: int = 256, cache_mb: float = 1024, workers: int = 0, dist_context: DistContext | None = None) -> None:
+    def __init__(
+        self,
+        datasets: Sequence[Dataset],
+        transform: Callable | None,
+        batch_size: int = 256,
+        cache_mb: float = 1024,
+        workers: int = 0,
+        dist_context: DistContext | None = None,
+        own_rng: bool = False,
+    ) -> None:
         self.datasets = list(datasets)
         self.transform = transform
         self.batch_size = batch_size
         self.cache_mb = cache_mb
         self.workers = workers
         self.dist = dist_context or DistContext()
+        self.own_rng = own_rng
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._cache_bytes = 0
 
@@ -97,7 +115,10 @@ class TaskEvaluator:
             self._cache[task_id] = (x, y)
             self._cache_bytes += x.numel() * x.element_size()
 
-        loader = DataLoader(_Transformed(self.datasets[task_id], self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
+        loader = DataLoader(
+            _Transformed(self.datasets[task_id], self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
+            generator=torch.Generator() if self.own_rng else None,
+        )
         return keep_if_fits(loader, self.cache_mb * 2**20 - self._cache_bytes, keep)
 
     @torch.no_grad()
@@ -163,15 +184,17 @@ class TaskEvaluator:
         return 100.0 * correct / max(total, 1), 100.0 * correct_union / max(total, 1)
 
     @torch.no_grad()
-    def features(self, model: torch.nn.Module, task_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """Normalised image embeddings and labels of test set ``task_id``."""
+    def features(self, model: torch.nn.Module, task_id: int, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Normalised image embeddings (CPU, float) and labels (keys) of test set ``task_id``."""
         net = unwrap(model)
         was_training = net.training
         net.eval()
+        device = torch.device(device)
         feats, labels = [], []
         try:
             for x, y in self._batches(task_id):
-                feats.append(net.encode_image(x.to(device)).float().cpu())
+                with _autocast(device, autocast_dtype):
+                    feats.append(net.encode_image(x.to(device)).float().cpu())
                 labels.append(y)
         finally:
             net.train(was_training)

@@ -2,7 +2,9 @@
 
 Features are L2-normalised and stored as float32, so inner products are cosines.
 Used by Proxy-FDA's ``graph: bank`` option: the reference-space neighbours of each
-anchor are looked up among the whole training set of the experience, not only the batch.
+anchor are looked up among the whole training set of the experience, not only the batch;
+by the k-NN probe (:mod:`cl_proxyfda.probe`); and by :func:`knn_accuracy`, the
+leave-one-out score of Infusing's model selection on its generic validation images.
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ class FeatureBank:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None, force_blas: bool = True) -> tuple[Tensor, Tensor]:
         """The ``k`` most similar bank entries of each query: ``(sims, idx)``, both (Q, k).
 
         ``exclude`` (Q,) gives, for queries that are themselves in the bank, their own
         bank index: that entry is removed from the result (self-exclusion). Rows are
         sorted by decreasing cosine similarity; ``idx`` is a LongTensor of bank indices.
+        ``force_blas=False`` leaves the search path to faiss (exactly tied entries may
+        then come in another order).
         """
         q = _as_float32(queries)
         if q.shape[1] != self.dim:
@@ -52,7 +56,7 @@ class FeatureBank:
         # faiss searches query by query below cvar.distance_compute_blas_threshold
         # (128000 = queries x dim); one BLAS product is 4-6x faster for batch-sized queries.
         saved = faiss.cvar.distance_compute_blas_threshold
-        faiss.cvar.distance_compute_blas_threshold = 1
+        faiss.cvar.distance_compute_blas_threshold = 1 if force_blas else saved
         try:
             sims, idx = self.index.search(q, k + extra)
         finally:
@@ -68,3 +72,27 @@ class FeatureBank:
         no_self = keep.all(dim=1)
         keep[no_self, -1] = False
         return sims_t[keep].view(-1, k), idx_t[keep].view(-1, k)
+
+
+def knn_accuracy(embeds: Tensor, labels: Tensor, k: int = 10) -> float:
+    """Leave-one-out k-NN accuracy (%) of cosine retrieval within a labelled set.
+
+    Each item's ``k`` most similar other items (a :class:`FeatureBank` of the set itself,
+    each item's own hit excluded; ``k`` is capped at ``n - 1``) vote for their labels;
+    ties go to the label whose voters are the most similar in total.
+    """
+    n = embeds.shape[0]
+    if n < 2:
+        raise ValueError("knn_accuracy needs at least two items")
+    k = min(k, n - 1)
+    # faiss's own search path, as the model selection has always scored: the forced BLAS
+    # path can order exactly tied neighbours (duplicate images) differently
+    sims_t, idx_t = FeatureBank(embeds).search(embeds, k, exclude=torch.arange(n), force_blas=False)
+    sims, idx = sims_t.numpy(), idx_t.numpy()
+    y = labels.detach().cpu().numpy().astype(np.int64)
+    classes, y_index = np.unique(y, return_inverse=True)
+    votes = np.zeros((n, len(classes)))
+    rows = np.repeat(np.arange(n), k)
+    # One vote per neighbour; the similarity sum (< k) breaks ties only.
+    np.add.at(votes, (rows, y_index[idx].ravel()), 1.0 + 1e-3 * (sims.ravel() + 1.0) / 2.0)
+    return 100.0 * float((votes.argmax(axis=1) == y_index).mean())

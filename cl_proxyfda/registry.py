@@ -1,7 +1,9 @@
 """One registry per kind of component: names in YAML map to classes here.
 
 Strategies register their plugin class, which declares its options as ``Params`` and
-is built with ``Plugin.from_params(params, run=context)``; streams and generators
+is built with ``Plugin.from_params(params, run=context)``; an entry may stand for
+several plugins (a recipe: ``Plugin.build_plugins(params, run)``, see
+:meth:`Registry.build_plugins`); streams and generators
 register a factory ``factory(params, **context)`` with its params type.
 
 Config strings are only ever looked up in these dictionaries; they never reach
@@ -73,6 +75,14 @@ class Registry(Generic[T]):
         if from_params is not None:
             return from_params(params, **context)
         return entry.factory(params, **context)
+
+    def build_plugins(self, name: str, args: dict[str, Any] | BaseModel, run: Any = None) -> list[Any]:
+        """The plugins of one strategy entry (one, or a recipe's parts), built as the
+        runner builds them: ``factory.build_plugins(params, run)``."""
+        entry = self.get(name)
+        params = args if isinstance(args, BaseModel) else entry.params(**args)
+        expand = getattr(entry.factory, "build_plugins", None)
+        return list(expand(params, run)) if expand is not None else [self.build(name, params, run=run)]
 
 
 STRATEGIES: Registry[Any] = Registry("strategy")

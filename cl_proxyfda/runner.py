@@ -203,12 +203,12 @@ def build_run(cfg: RunConfig, out_dir: Path | None = None) -> Run:
         device=str(device),
     )
     plugins = []
-    for entry in cfg.strategies:
-        plugin = entry.plugin.from_params(entry.params, run_context)
-        plugins.append(plugin)
-        layers = getattr(plugin, "needs_layers", ())
-        if layers:
-            model.capture_layers(layers)
+    for entry in cfg.strategies:  # an entry may stand for several plugins (a recipe's parts)
+        for plugin in entry.plugin.build_plugins(entry.params, run_context):
+            plugins.append(plugin)
+            layers = getattr(plugin, "needs_layers", ())
+            if layers:
+                model.capture_layers(layers)
 
     iterations = cfg.train.iterations
     epochs = cfg.train.epochs

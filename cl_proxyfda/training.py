@@ -14,6 +14,9 @@ the frozen references; :func:`~cl_proxyfda.teacher.teacher_bank` on any Avalanch
 strategy), ``class_similarity`` (:class:`ClassSimilarity`, read by the batch sampler;
 :func:`class_similarity_of`) and ``synthetic`` (the synthetic-loss channel,
 :class:`~cl_proxyfda.synthetic_terms.SyntheticChannel`; :func:`~cl_proxyfda.synthetic_terms.synthetic_channel`).
+Its ``criterion()`` obeys the strategy's ``criterion_gate``
+(:mod:`cl_proxyfda.criterion_gate`): plugins whose own loss replaces the criterion on
+some batches (Infusing) mute it there.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from cl_proxyfda.criterion_gate import GatedCriterion
 from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
 from cl_proxyfda.synthetic_terms import SyntheticChannel
@@ -112,7 +116,7 @@ class CollateWithIndex:
         return batch[:-1] + [indices, batch[-1]]
 
 
-class CLStrategy(SupervisedTemplate):
+class CLStrategy(GatedCriterion, SupervisedTemplate):
     """SupervisedTemplate with per-experience step budgets, samplers and schedules.
 
     Args beyond Avalanche's: ``lr_for_experience(i) -> lr``, ``iterations_for(n_items)``,

@@ -9,6 +9,10 @@ the class (``@STRATEGIES.register("ldifs")``). It is built either
 * from Python, with keyword arguments validated by the same ``Params``:
   ``LDIFSPlugin(weight=10.0, layers="embed")`` (a bad value raises pydantic's message).
 
+One entry may stand for several plugins: the runner adds every plugin of
+``Plugin.build_plugins(params, run)`` (one, unless a recipe such as ``infusing``
+returns its parts), and each part checkpoints its own state.
+
 Every option reaches its point of use as ``self.params.x``. What a plugin needs from
 the run (seed, batch sizes, workers) it reads from ``self.context(strategy)``: the
 runner's context, or defaults taken from the strategy it joined (seed 0, the
@@ -112,6 +116,12 @@ class Configurable:
     def from_params(cls, params: BaseModel, run: RunContext | None = None) -> Any:
         """Build from parsed ``Params`` and the run's context."""
         return cls(params, run=run)
+
+    @classmethod
+    def build_plugins(cls, params: BaseModel, run: RunContext | None = None) -> list[Any]:
+        """The plugins one run-file entry stands for: this one plugin. A recipe entry
+        (Infusing) overrides it to return its parts; the runner adds them all."""
+        return [cls.from_params(params, run)]
 
     def context(self, strategy: Any = None) -> RunContext:
         """The run's context, or defaults taken from ``strategy`` (seed 0, its batch size)."""

@@ -13,22 +13,23 @@ from PIL import Image
 
 from cl_proxyfda.config import parse_config, read_yaml
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.knn import knn_accuracy
 from cl_proxyfda.losses.infusing import (
     cosine_classifier_ce,
     distill_weight_for_dim,
     embedding_distillation,
-    knn_accuracy,
     per_tensor_mean_l2,
 )
+from cl_proxyfda.models import model_transforms
 from cl_proxyfda.runner import build_run, execute
 from cl_proxyfda.strategies.infusing import (
     BestCheckpointPlugin,
     CosineHeadPlugin,
     GenericDistillPlugin,
-    InfusingPlugin,
     MeanL2Plugin,
+    VisionOnlyPlugin,
     batch_source,
-    model_transforms,
+    infusing_plugins,
     stratified_split,
 )
 from conftest import tiny_config
@@ -100,6 +101,28 @@ def test_knn_accuracy_by_hand():
     dup = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     assert knn_accuracy(dup, torch.tensor([0, 0, 1, 1]), k=1) == pytest.approx(100.0)
     assert knn_accuracy(dup, torch.tensor([0, 1, 1, 0]), k=1) == pytest.approx(0.0)
+
+
+def test_knn_accuracy_matches_a_brute_force_vote():
+    """A set large enough for faiss's BLAS path: the torch top-k of the cosine matrix
+    (self excluded), majority of the labels, gives the same accuracy. Two classes and an
+    odd k: no tied votes, so float noise in the similarity tie-break cannot matter."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(300, 64, generator=g)
+    y = torch.randint(0, 2, (300,), generator=g)
+    e[y == 1] += 0.15  # some structure, so that the score is neither chance nor 100
+    x = torch.nn.functional.normalize(e, dim=1)
+    sims = x @ x.t()
+    sims.fill_diagonal_(-float("inf"))
+    scores = []
+    for k in (1, 7, 15):
+        top = sims.topk(k, dim=1).indices
+        majority = (y[top].sum(dim=1) * 2 > k).long()
+        expected = 100.0 * float((majority == y).double().mean())
+        scores.append(expected)
+        assert knn_accuracy(e, y, k=k) == pytest.approx(expected, abs=1e-9)
+    assert 55 < max(scores) < 100
+    assert knn_accuracy(e, y, k=1000) == knn_accuracy(e, y, k=299)  # k capped at n - 1
 
 
 def test_stratified_split_is_seeded_and_keeps_every_class():
@@ -278,7 +301,17 @@ def test_selection_restores_the_best_iterate(tmp_path, tiny_stream_root):
     assert probe.train_sizes == [15, 15]  # 18 training images, one per class held out
 
 
+PART_NAMES = ["infusing_vision_only", "infusing_generic", "infusing_head", "infusing_l2", "infusing_select"]
+
+
+def parts_of(run) -> dict[type, object]:
+    """The run's plugins by type (the ``infusing`` entry stands for its parts)."""
+    return {type(p): p for p in run.plugins}
+
+
 def test_full_recipe_end_to_end_with_checkpoint(tmp_path, tiny_stream_root, generic_root):
+    from cl_proxyfda.runner import _load_plugin_states
+
     strategies = [{
         "name": "infusing",
         "generic": {"source": "folder", "root": str(generic_root), "batch_size": 6},
@@ -286,16 +319,18 @@ def test_full_recipe_end_to_end_with_checkpoint(tmp_path, tiny_stream_root, gene
         "l2": {"weight": 1e4},
     }]
     run = make_run(tmp_path, tiny_stream_root, strategies, iterations=6, lr=1e-3, schedule="constant", weight_decay=1e-6)
+    # one run-file entry, five plugins on the strategy (no bundle forwarding callbacks)
+    assert [p.name for p in run.plugins] == PART_NAMES and run.strategy.plugins[:5] == run.plugins
     probe = Probe()
     run.strategy.plugins.append(probe)
     results = execute(run, quiet=True)
     m = results.matrix()
     assert m.shape == (3, 2) and np.isfinite(m).all()  # zero-shot text-head accuracy, every task
-    plugin = run.plugins[0]
-    assert isinstance(plugin, InfusingPlugin)
-    assert set(plugin.loss_terms) == {"cosine_ce", "generic_distill", "mean_l2"}
-    assert plugin.loss_terms["mean_l2"] > 0
-    hist = plugin.select.history
+    parts = parts_of(run)
+    generic, head, l2, select = parts[GenericDistillPlugin], parts[CosineHeadPlugin], parts[MeanL2Plugin], parts[BestCheckpointPlugin]
+    terms = {k: v for p in run.plugins for k, v in p.loss_terms.items()}
+    assert set(terms) == {"cosine_ce", "generic_distill", "mean_l2"} and terms["mean_l2"] > 0
+    hist = select.history
     assert len(hist) == 2
     for exp, h in enumerate(hist):
         scores = [e[3] for e in h["evaluations"]]
@@ -304,52 +339,106 @@ def test_full_recipe_end_to_end_with_checkpoint(tmp_path, tiny_stream_root, gene
             assert 0 <= down <= 100 and 0 <= gen <= 100 and score == pytest.approx((down + gen) / 2)
         assert h["best_score"] == max(scores) and h["best_step"] == h["evaluations"][scores.index(max(scores))][0]
     assert same_weights(trainable(run.model), probe.weights[(1, hist[1]["best_step"])])
-    assert plugin.select.generic_kind(plugin.generic) == "knn"
-    assert set(plugin.head.diagnostics) == {"head_accuracy/warm", "head_accuracy/cool"}
+    assert select.generic_kind(generic) == "knn"
+    assert set(head.diagnostics) == {"head_accuracy/warm", "head_accuracy/cool"}
+    # the head's diagnostics reach the run's rows like any plugin's
+    assert {k: v for k, v in results.diagnostics[-1].items() if k.startswith("head_accuracy/")} == head.diagnostics
 
-    # the run's checkpoint loads with weights_only=True and restores the plugin state
+    # the run's checkpoint loads with weights_only=True and holds each part's state
     ckpts = sorted((tmp_path / "runs" / "tiny" / "checkpoints").rglob("*.pt"))
     assert ckpts
     state = torch.load(ckpts[-1], weights_only=True)
-    saved = next(v for k, v in state["plugins"].items() if k.endswith(":infusing"))
-    assert torch.equal(saved["infusing_generic"]["targets"], plugin.generic.targets)
+    assert list(state["plugins"]) == [f"{i}:{name}" for i, name in enumerate(PART_NAMES)]
+    assert torch.equal(state["plugins"]["1:infusing_generic"]["targets"], generic.targets)
 
+    # the runner's restore path gives every part of a fresh run its state back
     buf = io.BytesIO()
-    torch.save(plugin.state_dict(), buf)
+    torch.save(state["plugins"], buf)
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
-    other = make_run(tmp_path / "again", tiny_stream_root, strategies).plugins[0]
-    other.load_state_dict(loaded)
+    other_run = make_run(tmp_path / "again", tiny_stream_root, strategies)
+    _load_plugin_states(other_run, torch.load(buf, weights_only=True), tmp_path)
+    other = parts_of(other_run)
     for t in (0, 1):
-        assert torch.equal(other.head.heads[t].detach(), plugin.head.heads[t].detach().cpu())
-    assert torch.equal(other.generic.targets, plugin.generic.targets) and other.generic.target_batches == plugin.generic.target_batches
-    assert other.select.history == hist and other.head.diagnostics == plugin.head.diagnostics
-    assert all(torch.equal(other.l2.anchors[k], plugin.l2.anchors[k]) for k in plugin.l2.anchors)
+        assert torch.equal(other[CosineHeadPlugin].heads[t].detach(), head.heads[t].detach().cpu())
+    assert torch.equal(other[GenericDistillPlugin].targets, generic.targets)
+    assert other[GenericDistillPlugin].target_batches == generic.target_batches
+    assert other[BestCheckpointPlugin].history == hist and other[CosineHeadPlugin].diagnostics == head.diagnostics
+    assert all(torch.equal(other[MeanL2Plugin].anchors[k], l2.anchors[k]) for k in l2.anchors)
+    with pytest.raises(UserError, match="written with strategies"):  # a run with other parts refuses it
+        _load_plugin_states(make_run(tmp_path / "parts", tiny_stream_root, [{"name": "infusing_l2"}]), state["plugins"], tmp_path)
 
 
-def test_python_parts_yaml_parts_and_bundle_train_alike(tmp_path, tiny_stream_root, generic_root):
+def test_python_parts_yaml_parts_and_recipe_train_alike(tmp_path, tiny_stream_root, generic_root):
     """The recipe from Python objects, from four YAML entries and from one: same weights."""
     from cl_proxyfda.strategies.infusing import folder_images
 
     generic = {"source": "folder", "root": str(generic_root), "batch_size": 4}
     train = {"iterations": 4, "lr": 1e-3, "schedule": "constant"}
-    bundle = make_run(tmp_path / "a", tiny_stream_root, [{"name": "infusing", "generic": generic, "select": {"every": 2}}], **train)
+    recipe = make_run(tmp_path / "a", tiny_stream_root, [{"name": "infusing", "generic": generic, "select": {"every": 2}}], **train)
     parts = make_run(tmp_path / "b", tiny_stream_root, [
         {"name": "infusing_generic", **generic}, {"name": "infusing_head"}, {"name": "infusing_l2"}, {"name": "infusing_select", "every": 2},
     ], **train)
     python = make_run(tmp_path / "c", tiny_stream_root, [{"name": "naive"}], **train)
-    python.strategy.plugins.insert(0, InfusingPlugin(
+    python.strategy.plugins[0:0] = infusing_plugins(
         head=CosineHeadPlugin(scale=16.0, init="text", lr=1e-3, weight_decay=1e-6),
         generic=GenericDistillPlugin(folder_images(generic_root), batch_size=4, eval_batch_size=64),
         l2=MeanL2Plugin(weight=1e4),
         select=BestCheckpointPlugin(every=2, eval_batch_size=64),
-    ))
-    for run in (bundle, parts, python):
+    )
+    for run in (recipe, parts, python):
         execute(run, quiet=True)
-    w = [trainable(r.model) for r in (bundle, parts, python)]
+    w = [trainable(r.model) for r in (recipe, parts, python)]
     assert same_weights(w[0], w[1]) and same_weights(w[0], w[2])
     start = trainable(make_run(tmp_path / "d", tiny_stream_root, [{"name": "naive"}]).model)
     assert not same_weights(w[0], start)
+
+
+def test_recipe_from_python_keywords_matches_the_run_file(tmp_path, tiny_stream_root, generic_root):
+    from cl_proxyfda.registry import STRATEGIES
+    from cl_proxyfda.strategies.base import RunContext
+    from cl_proxyfda.strategies.infusing import Infusing
+
+    args = {"generic": {"source": "folder", "root": str(generic_root), "mode": "joint"}, "select": None, "vision_only": False}
+    cfg = parse_config(tiny_config(tiny_stream_root, tmp_path, strategies=[{"name": "infusing", **args}]))
+    from_file = STRATEGIES.build_plugins("infusing", cfg.strategies[0].params, RunContext(seed=2))
+    from_python = Infusing(**args).plugins()
+    assert [p.name for p in from_file] == [p.name for p in from_python] == ["infusing_generic", "infusing_head", "infusing_l2"]
+    assert [p.params for p in from_file] == [p.params for p in from_python]
+    assert all(p.run == RunContext(seed=2) for p in from_file)
+    assert [type(p) for p in infusing_plugins(l2=MeanL2Plugin())] == [VisionOnlyPlugin, MeanL2Plugin]
+    assert STRATEGIES.build_plugins("infusing_l2", {"weight": 2.0})[0].params.weight == 2.0
+
+
+def test_the_head_needs_a_criterion_gate_on_a_hand_built_template(tiny_stream_root):
+    """A bare SupervisedTemplate cannot mute its criterion: one clear error; with the
+    GatedCriterion mixin the head's loss replaces the criterion."""
+    from avalanche.training.templates import SupervisedTemplate
+
+    from cl_proxyfda.benchmarks.stream import to_avalanche
+    from cl_proxyfda.criterion_gate import GatedCriterion
+    from cl_proxyfda.models import build_task_model
+    from cl_proxyfda.registry import STREAMS
+
+    class Gated(GatedCriterion, SupervisedTemplate):
+        pass
+
+    torch.manual_seed(0)
+    stream = STREAMS.build("image_folder", {"root": str(tiny_stream_root), "tasks": TASKS})
+    model, train_tf, eval_tf = build_task_model("cl-test-tiny", None, [t.vocabulary for t in stream.tasks])
+    experience = to_avalanche(stream.tasks, train_tf, eval_tf).train_stream[0]
+
+    def strategy(cls, plugins):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        return cls(model=model, optimizer=opt, train_mb_size=6, train_epochs=1, plugins=plugins, evaluator=None)
+
+    with pytest.raises(UserError, match="^infusing_head: the strategy's criterion cannot be muted"):
+        strategy(SupervisedTemplate, [CosineHeadPlugin()]).train(experience, eval_streams=[])
+    probe, head = Probe(), CosineHeadPlugin()
+    gated = strategy(Gated, [probe, head])
+    gated.experience_index = 0  # read by the probe
+    gated.train(experience, eval_streams=[])
+    assert len(probe.rows) == 3 and all(r["criterion"] == 0.0 for r in probe.rows)
+    assert head.loss_terms["cosine_ce"] > 0 and not gated.criterion_gate.muted  # unmuted after training
 
 
 def test_alignment_score_without_labels(tmp_path, tiny_stream_root, generic_root):
@@ -362,9 +451,9 @@ def test_alignment_score_without_labels(tmp_path, tiny_stream_root, generic_root
     strategies = [{"name": "infusing", "generic": {"source": "folder", "root": str(tmp_path / "flat")}, "select": {"every": 3, "include_start": True}}]
     run = make_run(tmp_path, tiny_stream_root, strategies, iterations=3, lr=1e-12, schedule="constant")
     execute(run, quiet=True)
-    plugin = run.plugins[0]
-    assert plugin.select.generic_kind(plugin.generic) == "alignment"
-    start = plugin.select.history[0]["evaluations"][0]
+    parts = parts_of(run)
+    assert parts[BestCheckpointPlugin].generic_kind(parts[GenericDistillPlugin]) == "alignment"
+    start = parts[BestCheckpointPlugin].history[0]["evaluations"][0]
     assert start[0] == 0.0 and start[2] == pytest.approx(100.0, abs=1e-3)  # pre-trained = targets
 
 

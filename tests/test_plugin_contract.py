@@ -70,6 +70,21 @@ def test_run_file_and_python_keywords_give_equal_params(item, tmp_path, tiny_str
     assert from_yaml.run == RunContext(seed=3) and from_python.run is None
 
 
+@pytest.mark.parametrize("item", WITHOUT_STREAM, ids=[i["name"] for i in WITHOUT_STREAM])
+def test_an_entry_builds_its_one_plugin_as_a_list(item):
+    args = {k: v for k, v in item.items() if k != "name"}
+    plugins = STRATEGIES.build_plugins(item["name"], args, RunContext(seed=3))
+    assert [type(p) for p in plugins] == [STRATEGIES.get(item["name"]).factory] and plugins[0].run == RunContext(seed=3)
+
+
+def test_a_recipe_entry_stands_for_its_parts(tmp_path, tiny_stream_root):
+    item = {"name": "infusing", "generic": None, "select": {"every": 3}}
+    run = build_run(parse_config(tiny_config(tiny_stream_root, tmp_path, strategies=[item, {"name": "l2sp"}])))
+    assert [p.name for p in run.plugins] == ["infusing_vision_only", "infusing_head", "infusing_l2", "infusing_select", "l2sp"]
+    assert all(isinstance(p, SupervisedPlugin) for p in run.plugins) and run.strategy.plugins[:5] == run.plugins
+    assert run.plugins[3].params.every == 3 and all(p.run is run.plugins[-1].run for p in run.plugins)
+
+
 def test_fda_is_proxy_fda_without_proxies_under_its_own_name():
     fda, proxy = FDAPlugin(k=5), ProxyFDAPlugin(k=5)
     assert fda.name == "fda" and fda.params.proxies is False

@@ -6,15 +6,14 @@
   ``lambda_d`` (``distill_weight_for_dim``: 1000 for 768-d, scaled with the dimension).
 - ``per_tensor_mean_l2``: ``sum over tensors of mean((theta - theta_0)^2)``, one mean
   per tensor so that every tensor counts alike whatever its size.
-- ``knn_accuracy``: leave-one-out k-NN classification accuracy of embeddings (faiss),
-  the generic-set validation score of the model selection.
+
+The generic-set validation score of the model selection, leave-one-out k-NN accuracy,
+is :func:`cl_proxyfda.knn.knn_accuracy`, next to the project's other k-NN code.
 """
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-import faiss
-import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -59,44 +58,11 @@ def per_tensor_mean_l2(params: Iterable[tuple[str, Tensor]], anchors: Mapping[st
     return total
 
 
-def knn_accuracy(embeds: Tensor, labels: Tensor, k: int = 10) -> float:
-    """Leave-one-out k-NN accuracy (%) of cosine retrieval within a labelled set.
-
-    Each item's ``k`` most similar other items (exact search, faiss ``IndexFlatIP`` on
-    L2-normalised embeddings) vote for their labels; ties go to the label whose voters
-    are the most similar in total.
-    """
-    n = embeds.shape[0]
-    if n < 2:
-        raise ValueError("knn_accuracy needs at least two items")
-    k = min(k, n - 1)
-    x = np.ascontiguousarray(F.normalize(embeds.detach().float().cpu(), dim=-1).numpy(), dtype=np.float32)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, idx = index.search(x, k + 1)
-    own = idx == np.arange(n)[:, None]
-    # Drop each item's own hit (or its last hit when the item is not among them: duplicates).
-    own[~own.any(axis=1), -1] = True
-    keep = ~own
-    idx = idx[keep].reshape(n, k)
-    sims = sims[keep].reshape(n, k)
-    y = labels.detach().cpu().numpy().astype(np.int64)
-    classes, y_index = np.unique(y, return_inverse=True)
-    votes = np.zeros((n, len(classes)))
-    neighbour_class = y_index[idx]
-    rows = np.repeat(np.arange(n), k)
-    # One vote per neighbour; the similarity sum (< k) breaks ties only.
-    np.add.at(votes, (rows, neighbour_class.ravel()), 1.0 + 1e-3 * (sims.ravel() + 1.0) / 2.0)
-    predicted = votes.argmax(axis=1)
-    return 100.0 * float((predicted == y_index).mean())
-
-
 __all__ = [
     "DISTILL_WEIGHT_768",
     "cosine_classifier_ce",
     "cosine_logits",
     "distill_weight_for_dim",
     "embedding_distillation",
-    "knn_accuracy",
     "per_tensor_mean_l2",
 ]
