@@ -9,7 +9,7 @@ Every number here has a source a reader can open; none is estimated. Sources:
   "Table 10", order II). ``tests/test_published.py`` recomputes every ZSCL value below
   from those matrices with :mod:`cl_proxyfda.metrics`.
 - GIFT (Wu et al., CVPR 2025, arXiv 2503.04229): its MTIL order I row, as quoted in the
-  project's design notes (methods.md, protocol.md); the table number was not verified.
+  docs/protocol.md ("For reference, the GIFT paper reports ..."); the table number was not verified.
 
 Not found (no entry, see ``NOT_FOUND``): GIFT on MTIL order II, few-shot MTIL for any
 method, and Proxy-FDA on MTIL (its paper reports linear-probe figures on another
@@ -61,7 +61,7 @@ _ZSCL_I = f"{_ZSCL}, MTIL order I table ('Table 3' in the official mtil/results.
 _ZSCL_II = f"{_ZSCL}, MTIL order II table ('Table 10' in the official mtil/results.ipynb)"
 _GIFT_I = (
     "GIFT (Wu et al., CVPR 2025, arXiv 2503.04229), MTIL order I comparison table, row GIFT "
-    "(value as quoted in the project's methods.md / protocol.md; table number not verified)"
+    "(value as quoted in docs/protocol.md; table number not verified)"
 )
 _NO_STRATEGY = "the library has no such strategy"
 

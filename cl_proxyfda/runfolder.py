@@ -50,6 +50,7 @@ ABSENT_KEY_VALUES: dict[str, Any] = {
     "train.teacher_table": False,  # added: false is the former behaviour
     "eval.every_experience": True,  # removed: it was never read
     "strategies[].generator_hidden": 32,  # added: the generator's width before the default became 16
+    "strategies[].cache_teacher": False,  # added to zscl (gift always had it): false is the former behaviour
 }
 """Keys that older run folders' configs lack (or still have), with the value that means
 the same run; ``[]`` stands for any list index."""

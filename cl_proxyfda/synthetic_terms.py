@@ -3,7 +3,8 @@ a consumer of its gradient (AWC) claims it; neither owns the other.
 
 The channel is a service of the strategy (:class:`SyntheticChannel`, the typed field
 ``CLStrategy.synthetic``; :func:`synthetic_channel` gives it on any Avalanche strategy).
-A producer (GIFT) publishes its term with :func:`publish_synthetic_loss` in
+A producer (GIFT) registers itself with :func:`register_synthetic_producer` in
+``before_training`` and publishes its term with :func:`publish_synthetic_loss` in
 ``after_forward`` (so that every plugin's ``before_backward`` sees it whatever the plugin
 order) and adds it to the total loss with :func:`add_synthetic_loss` in
 ``before_backward``. ``channel.total`` holds the sum of the terms published in the
@@ -49,6 +50,15 @@ class SyntheticChannel:
     terms: dict[str, SyntheticTerm] = field(default_factory=dict)
     claims: set[str] = field(default_factory=set)
     total: Tensor | None = None
+    producers: dict[str, float] = field(default_factory=dict)  # source -> weight multiplier it asks of consumers
+
+
+def register_synthetic_producer(strategy: Any, source: str, consumer_weight_multiplier: float = 1.0) -> None:
+    """Declare (in ``before_training``) that ``source`` publishes a synthetic loss in this
+    run, and the factor by which its consumers scale their own weight (GIFT's
+    ``paper_doubled_weights`` asks AWC to double too). Consumers check for producers from
+    ``before_training_exp`` on, when every plugin's ``before_training`` has run."""
+    synthetic_channel(strategy).producers[source] = float(consumer_weight_multiplier)
 
 
 def synthetic_channel(strategy: Any) -> SyntheticChannel:

@@ -41,6 +41,7 @@ from cl_proxyfda.synthetic_terms import (
     claim_synthetic_gradients,
     current_synthetic_terms,
     release_synthetic_terms,
+    synthetic_channel,
 )
 
 # ---------------------------------------------------------------------- plugin
@@ -84,19 +85,14 @@ class AWCPlugin(CLPlugin):
         return {"gift"} if self.params.loss_source == "gift" else {ALL_SOURCES}
 
     def effective_weight(self, strategy: Any) -> float:
-        mult = 1.0
-        if self.params.follow_gift_doubling:
-            for p in strategy.plugins:
-                if getattr(p, "name", None) == "gift":
-                    mult = float(getattr(p, "awc_weight_multiplier", 1.0))
+        mult = synthetic_channel(strategy).producers.get("gift", 1.0) if self.params.follow_gift_doubling else 1.0
         return self.params.weight * mult
 
     # -------------------------------------------------------------- callbacks
-    def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        if self.params.loss_source == "gift" and not any(getattr(p, "name", None) == "gift" for p in strategy.plugins):
-            raise UserError("strategies: awc with loss_source: gift needs the gift strategy in the same run")
-
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        # every plugin's before_training has run: producers have registered on the channel
+        if self.params.loss_source == "gift" and "gift" not in synthetic_channel(strategy).producers:
+            raise UserError("strategies: awc with loss_source: gift needs the gift strategy in the same run")
         self.anchor = snapshot(trainable_named_parameters(strategy))
         self.tracker.reset()
 

@@ -41,7 +41,7 @@ from cl_proxyfda.losses.gift import (
     similarity_logits,
 )
 from cl_proxyfda.registry import STRATEGIES
-from cl_proxyfda.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, release_synthetic_terms
+from cl_proxyfda.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, register_synthetic_producer, release_synthetic_terms
 from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
@@ -163,7 +163,7 @@ class GIFTPlugin(CLPlugin):
         scale = 2.0 if params.paper_doubled_weights else 1.0
         self.kd_weight = params.kd_weight * scale
         self.ita_weight = params.ita_weight * scale
-        self.awc_weight_multiplier = scale
+        self.consumer_weight_multiplier = scale  # asked of AWC through the synthetic channel
         # per experience
         self.plan: SyntheticPlan | None = None
         self.generation_stats: dict[str, int] = {}
@@ -187,6 +187,9 @@ class GIFTPlugin(CLPlugin):
         return {"synthetic_images": self.synthetic_images, "synthetic_seconds": self.synthetic_seconds}
 
     # ------------------------------------------------------------ experience
+    def before_training(self, strategy: Any, **kwargs: Any) -> None:
+        register_synthetic_producer(strategy, "gift", self.consumer_weight_multiplier)
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         model = unwrap(strategy.model)
         bank = teacher_bank(strategy)

@@ -37,7 +37,10 @@ options ``mtil/src/args.py``, the recipes ``mtil/scripts/*.sh``):
   images in the demo) or any image folder (``reference_folder``, searched recursively),
   ``batch_size`` per iteration in seeded order (kept in memory after the first read when
   they fit ``cache_images_mb``; under ``torch.distributed`` each process takes its share of
-  every batch);
+  every batch). With ``cache_teacher`` the teacher's embeddings of the whole set are
+  computed once per run and served by index (the teacher is fixed; an option of this
+  library, off by default because a full pass over a large set such as ImageNet's costs
+  more than the batches a run draws);
 - L2 (``--l2 1``, ``helpers.l2_loss``): the sum of squared differences to the weights
   loaded at the start of the task;
 - weight ensembling (``--we --avg_freq 100``, ``helpers.merge_we``): a running mean that
@@ -73,7 +76,7 @@ from cl_proxyfda.losses.regularizers import l2_to_anchor
 from cl_proxyfda.losses.zscl import WEIGHT_ENSEMBLE_EVERY, ZSCL_TEMPERATURE, WeightEnsemble, zscl_distillation
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
-from cl_proxyfda.side_data import SideBatches
+from cl_proxyfda.side_data import SideBatches, embed_images
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     TransformedImages,
@@ -105,6 +108,11 @@ class ZSCLParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=65536, description="reference images per iteration")
     cache_images_mb: float = Field(
         1024.0, ge=0, description="keep the transformed reference images in memory when they fit this many MB (0: read the files at every batch)"
+    )
+    cache_teacher: bool = Field(
+        False,
+        description="the pre-trained teacher's embeddings of the whole reference set, computed once per run and served by index "
+        "(pays when a run draws more reference images than the set holds; false: the teacher encodes every batch)",
     )
     texts_per_batch: int | None = Field(
         None, ge=2, le=65536, description="reference texts drawn per iteration (default: all of them at every iteration, as in ZSCL's code)"
@@ -194,9 +202,11 @@ class ZSCLPlugin(CLPlugin):
         self.ensemble: WeightEnsemble | None = None
         self.iteration = 0
         self._teacher_text: Tensor | None = None
+        self._teacher_image: Tensor | None = None  # cache_teacher: one row per reference image
         self._batches: SideBatches | None = None
         self._text_rng: np.random.Generator | None = None
         self.teacher_text_forwards = 0
+        self.teacher_image_forwards = 0
 
     def ledger(self) -> dict[str, float]:
         """Extra data for the run's cost ledger: the reference image set."""
@@ -230,6 +240,11 @@ class ZSCLPlugin(CLPlugin):
             device=strategy.device, keep_mb=self.params.cache_images_mb,
         )
         self._text_rng = np.random.default_rng(derived_seed(self.seed, index, 12))
+        if self.params.cache_teacher and self._teacher_image is None:  # the teacher never changes: once per run
+            teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
+            workers = 0 if self._batches.kept is not None else self.workers
+            self._teacher_image, forwards = embed_images(teacher, self._batches.items, self.params.batch_size, workers, generator=torch.Generator())
+            self.teacher_image_forwards += forwards
 
     def distillation_loss(self, strategy: Any) -> Tensor:
         """The reference-logit distillation on the next reference batch."""
@@ -237,7 +252,7 @@ class ZSCLPlugin(CLPlugin):
         teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
         assert self._teacher_text is not None and self._text_rng is not None
         assert self._batches is not None
-        x, _ = self._batches.next()  # after total_steps batches the plan starts again
+        x, idx = self._batches.next()  # after total_steps batches the plan starts again
         texts, teacher_text = self.texts, self._teacher_text
         if self.n_texts < len(self.texts):
             pick = np.sort(self._text_rng.choice(len(self.texts), size=self.n_texts, replace=False))
@@ -245,7 +260,11 @@ class ZSCLPlugin(CLPlugin):
             teacher_text = self._teacher_text[torch.as_tensor(pick, device=self._teacher_text.device)]
         own_text = self.params.student_text == "student" and model.text_trainable
         with torch.no_grad():
-            u0 = teacher.encode_image(x.to(next(teacher.parameters()).dtype)).float()
+            if self._teacher_image is not None:
+                u0 = self._teacher_image[idx.to(self._teacher_image.device)]
+            else:
+                u0 = teacher.encode_image(x.to(next(teacher.parameters()).dtype)).float()
+                self.teacher_image_forwards += 1
         with model.side_forward(), autocast_context(strategy):
             u = model.encode_image(x).float()
             w = model.encode_text(texts).float() if own_text else None

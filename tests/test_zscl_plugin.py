@@ -306,3 +306,25 @@ def test_subset_and_student_text_options_restore_the_old_behaviour(tmp_path, dat
     spy.model = unwrap(frozen.strategy.model)
     execute(frozen, quiet=True)
     assert len(spy.calls) == 1 and spy.calls[0]["student_text"] is None and spy.calls[0]["teacher_text"].shape[0] == 3
+
+
+def test_cached_teacher_serves_the_same_embeddings_once_per_run(tmp_path, data_root, reference):
+    """cache_teacher: the pre-trained teacher embeds the 10 reference images once for the
+    whole run (3 batches of 4) and the distillation terms equal those of per-batch
+    encoding (same batches, same teacher: only float summation order may differ)."""
+    terms = {}
+    for cached in (False, True):
+        entry = zscl_entry(reference, weight_ensemble=False, l2_weight=0.0, cache_teacher=cached)
+        run = make_run(tmp_path / str(cached), data_root, [entry], tasks=("warm", "cool"), iterations=3)
+        snaps = Snapshots()
+        run.strategy.plugins.append(snaps)
+        execute(run, quiet=True)
+        zscl = run.plugins[0]
+        terms[cached] = [t["zscl_distill"] for t in snaps.terms]
+        if cached:
+            assert zscl._teacher_image is not None and zscl._teacher_image.shape[0] == 10
+            assert zscl.teacher_image_forwards == 3  # ceil(10 / 4), once for two experiences
+        else:
+            assert zscl._teacher_image is None and zscl.teacher_image_forwards == 2 * 3  # one per iteration
+    assert len(terms[True]) == 6
+    assert np.allclose(terms[True], terms[False], rtol=1e-5, atol=1e-6)
