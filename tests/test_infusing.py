@@ -370,6 +370,7 @@ def test_full_recipe_end_to_end_with_checkpoint(tmp_path, tiny_stream_root, gene
 
 def test_python_parts_yaml_parts_and_recipe_train_alike(tmp_path, tiny_stream_root, generic_root):
     """The recipe from Python objects, from four YAML entries and from one: same weights."""
+    from cl_proxyfda.strategies.base import RunContext
     from cl_proxyfda.strategies.infusing import folder_images
 
     generic = {"source": "folder", "root": str(generic_root), "batch_size": 4}
@@ -379,11 +380,12 @@ def test_python_parts_yaml_parts_and_recipe_train_alike(tmp_path, tiny_stream_ro
         {"name": "infusing_generic", **generic}, {"name": "infusing_head"}, {"name": "infusing_l2"}, {"name": "infusing_select", "every": 2},
     ], **train)
     python = make_run(tmp_path / "c", tiny_stream_root, [{"name": "naive"}], **train)
+    evals = RunContext(eval_batch_size=64)  # the run file's eval.batch_size (else the strategy's)
     python.strategy.plugins[0:0] = infusing_plugins(
         head=CosineHeadPlugin(scale=16.0, init="text", lr=1e-3, weight_decay=1e-6),
-        generic=GenericDistillPlugin(folder_images(generic_root), batch_size=4, eval_batch_size=64),
+        generic=GenericDistillPlugin(generic=folder_images(generic_root), batch_size=4, run=evals),
         l2=MeanL2Plugin(weight=1e4),
-        select=BestCheckpointPlugin(every=2, eval_batch_size=64),
+        select=BestCheckpointPlugin(every=2, run=evals),
     )
     for run in (recipe, parts, python):
         execute(run, quiet=True)

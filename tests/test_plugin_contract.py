@@ -59,12 +59,7 @@ def test_run_file_and_python_keywords_give_equal_params(item, tmp_path, tiny_str
     args = {k: v for k, v in item.items() if k != "name"}
     assert entry.args == args  # what the file gave, defaults left out
     from_yaml = entry.plugin.from_params(entry.params, RunContext(seed=3))
-    if entry.name in ("infusing_head", "infusing_select"):
-        # their constructors take Python objects (test sets, a scorer) and run values; the
-        # keywords they share with the run file must still land in equal params
-        from_python = entry.plugin(**{k: v for k, v in args.items() if k != "record_accuracy"})
-    else:
-        from_python = entry.plugin(**args)
+    from_python = entry.plugin(**args)
     assert type(from_yaml) is type(from_python) is entry.plugin
     assert from_yaml.params == from_python.params
     assert from_yaml.run == RunContext(seed=3) and from_python.run is None
@@ -225,7 +220,7 @@ def test_a_part_built_by_hand_takes_the_batch_size_of_the_strategy_it_joins(tiny
     stream = STREAMS.build("image_folder", {"root": str(tiny_stream_root)})
     model, _, _ = build_task_model("cl-test-tiny", None, [t.vocabulary for t in stream.tasks])
     images = ArrayImageDataset(np.random.default_rng(0).integers(0, 255, (12, 16, 16, 3), dtype=np.uint8), [i % 3 for i in range(12)])
-    by_hand, fixed = GenericDistillPlugin(images), GenericDistillPlugin(images, batch_size=5)
+    by_hand, fixed = GenericDistillPlugin(images), GenericDistillPlugin(generic=images, batch_size=5)
     assert by_hand.batch_size is None and by_hand.params.batch_size is None
     strategy = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_mb_size=6, evaluator=None)
     by_hand.before_training(strategy)

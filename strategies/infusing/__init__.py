@@ -46,10 +46,16 @@ each checkpoints its own state. From Python::
         BestCheckpointPlugin, CosineHeadPlugin, GenericDistillPlugin, MeanL2Plugin, folder_images, infusing_plugins,
     )
     plugins = infusing_plugins(
-        head=CosineHeadPlugin(), generic=GenericDistillPlugin(folder_images("generic/")),
+        head=CosineHeadPlugin(), generic=GenericDistillPlugin(generic=folder_images("generic/")),
         l2=MeanL2Plugin(weight=1e4), select=BestCheckpointPlugin(every=50),
     )
     strategy = CLStrategy(..., plugins=plugins)   # or Infusing(generic={...}).plugins()
+
+Each part follows the plugin contract (:mod:`cl_proxyfda.strategies.base`): options as
+keywords or a ``Params``, run facts (seed, batch sizes, workers, augment) from
+``self.context(strategy)``; the Python-only objects (the generic set, the head's test
+sets, the selection's ``scorer``) are keyword-only arguments, by default taken from the
+run's stream.
 
 A hand-built Avalanche template needs the criterion gate for the head and for
 alternating generic batches: ``class MyStrategy(GatedCriterion, SupervisedTemplate)``

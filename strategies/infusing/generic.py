@@ -42,82 +42,63 @@ class GenericDistillPlugin(CLPlugin):
     :data:`~cl_proxyfda.strategies.infusing.source.GENERIC_BATCH` of the criterion gate,
     which the other parts read as the batch's source).
 
-    Args:
+    Options (:class:`GenericParams`, read as ``self.params.x``): ``source`` / ``root``
+    (where the generic images come from, when the set is not given from Python),
+    ``weight`` (lambda_d; ``auto`` = ``1000 * D / 768`` for D-dimensional embeddings),
+    ``mode`` (``alternate``: one source per batch, the paper; ``joint``: every iteration
+    one downstream and one generic batch, losses summed), ``generic_every`` (alternate:
+    iteration k, 0-based, is generic when ``(k + 1) % generic_every == 0``; 2 alternates
+    1:1), ``batch_size`` (default: the run's train batch size, or the strategy's
+    ``train_mb_size``), ``val_fraction`` (share held out for model selection) and
+    ``limit`` (a seeded subset of at most this many images).
+
+    From the run (:meth:`context`): the seed of the subset, the split and the generic
+    batch order; the eval batch size and workers of the one-time target computation and
+    the loaders; ``augment`` (generic training batches use the model's train transform,
+    else its eval transform).
+
+    Python-only argument (keyword-only, or the one positional argument):
         generic: the generic image set, yielding ``(PIL image, label)`` (labels serve only
-            the k-NN validation score).
-        weight: lambda_d; ``None`` = ``1000 * D / 768`` for D-dimensional embeddings.
-        mode: ``alternate`` (one source per batch, the paper) or ``joint`` (every
-            iteration one downstream and one generic batch, losses summed).
-        generic_every: alternate mode: iteration k (0-based) is generic when
-            ``(k + 1) % generic_every == 0``; 2 alternates 1:1.
-        batch_size: generic batch size (default: the run's, or the strategy's ``train_mb_size``).
-        val_fraction: share of the generic set held out for model selection.
-        limit: use a seeded subset of at most this many generic images.
-        seed: seed of the subset, the split and the generic batch order.
-        eval_batch_size, workers: of the one-time target computation and the loaders.
-        augment: generic training batches use the model's train transform (else eval).
+            the k-NN validation score); default: ``source`` / ``root`` of the params with
+            the run's stream (:func:`~cl_proxyfda.strategies.infusing.data.generic_dataset`).
     """
 
     Params = GenericParams
     name = "infusing_generic"
-
-    @classmethod
-    def from_params(cls, params: GenericParams, run: RunContext | None = None) -> "GenericDistillPlugin":
-        ctx = run or RunContext()
-        plugin = cls(
-            generic_dataset(params.source, params.root, ctx.stream),
-            weight=None if params.weight == "auto" else float(params.weight),
-            mode=params.mode,
-            generic_every=params.generic_every,
-            batch_size=params.batch_size or ctx.train_batch_size,
-            val_fraction=params.val_fraction,
-            limit=params.limit,
-            seed=ctx.seed,
-            eval_batch_size=ctx.eval_batch_size,
-            workers=ctx.workers,
-            augment=ctx.augment,
-        )
-        plugin.params, plugin.run = params, run
-        return plugin
+    params: GenericParams
 
     def __init__(
         self,
-        generic: Dataset,
-        weight: float | None = None,
-        mode: str = "alternate",
-        generic_every: int = 2,
-        batch_size: int | None = None,
-        val_fraction: float = 0.1,
-        limit: int | None = None,
-        seed: int = 0,
-        eval_batch_size: int = 256,
-        workers: int = 0,
-        augment: bool = True,
+        params: GenericParams | Dataset | None = None,
+        /,
+        *,
+        run: RunContext | None = None,
+        generic: Dataset | None = None,
+        **kwargs: Any,
     ) -> None:
-        if mode not in ("alternate", "joint"):
-            raise ValueError(f"mode must be 'alternate' or 'joint', got {mode!r}")
-        if generic_every < 2 and mode == "alternate":
-            raise ValueError("generic_every must be >= 2 (every iteration generic leaves no downstream batch)")
-        super().__init__(GenericParams(
-            weight="auto" if weight is None else weight, mode=mode, generic_every=generic_every, batch_size=batch_size,
-            val_fraction=val_fraction, limit=limit,
-        ))
+        if params is not None and not isinstance(params, BaseModel):  # GenericDistillPlugin(images, ...)
+            if generic is not None:
+                raise TypeError("GenericDistillPlugin: give the generic set once (positionally or as generic=)")
+            params, generic = None, params
+        super().__init__(params, run=run, **kwargs)
         from cl_proxyfda.benchmarks.image_folder import limit_indices
         from cl_proxyfda.benchmarks.stream import dataset_targets
 
+        ctx = self.context()
+        if generic is None:
+            generic = generic_dataset(self.params.source, self.params.root, ctx.stream)
         self.generic = generic
-        self.weight_option = weight
-        self.weight = weight
-        self.mode, self.generic_every, self.batch_size = mode, generic_every, batch_size
-        self.seed, self.eval_batch_size, self.workers, self.augment = seed, eval_batch_size, workers, augment
+        self.weight_option = None if self.params.weight == "auto" else float(self.params.weight)
+        self.weight = self.weight_option
+        self.batch_size: int | None = None  # the params' or the run's, from before_training
         n = len(generic)  # type: ignore[arg-type]
         if n == 0:
             raise UserError("infusing generic: the generic image set is empty")
-        chosen = limit_indices(n, limit, seed)
+        chosen = limit_indices(n, self.params.limit, ctx.seed)
         self.items = list(range(n)) if chosen is None else chosen
         all_labels = dataset_targets(generic)
         self.labels = torch.tensor([all_labels[i] for i in self.items], dtype=torch.long)
-        self.train_pos, self.val_pos = stratified_split(self.labels.tolist(), val_fraction, seed)
+        self.train_pos, self.val_pos = stratified_split(self.labels.tolist(), self.params.val_fraction, ctx.seed)
         if not self.train_pos:
             raise UserError("infusing generic: no generic images left for training after the validation split")
         self.targets: Tensor | None = None
@@ -134,8 +115,9 @@ class GenericDistillPlugin(CLPlugin):
         teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
         _, eval_transform = model_transforms(unwrap(strategy.model))
         data = IndexedImages(self.generic, self.items, range(len(self.items)), eval_transform)
+        ctx = self.context(strategy)
         # own generator: the targets must not consume the global RNG
-        out, forwards = embed_images(teacher, data, self.eval_batch_size, self.workers, out_device="cpu", generator=torch.Generator())
+        out, forwards = embed_images(teacher, data, ctx.eval_batch_size, ctx.workers, out_device="cpu", generator=torch.Generator())
         self.target_batches += forwards
         self.targets = out
         if self.weight_option is None:
@@ -148,33 +130,35 @@ class GenericDistillPlugin(CLPlugin):
             return None
         _, eval_transform = model_transforms(unwrap(strategy.model))
         data = IndexedImages(self.generic, self.items, self.val_pos, eval_transform)
-        return TaskEvaluator([data], None, self.eval_batch_size, cache_mb=cache_mb, workers=self.workers, own_rng=True)
+        ctx = self.context(strategy)
+        return TaskEvaluator([data], None, ctx.eval_batch_size, cache_mb=cache_mb, workers=ctx.workers, own_rng=True)
 
     # --------------------------------------------------------------- callbacks
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
-        if self.batch_size is None:  # joined a strategy by hand: its batch size
-            self.batch_size = self.context(strategy).train_batch_size
+        if self.batch_size is None:  # the run's batch size (on a strategy built by hand: its own)
+            self.batch_size = self.params.batch_size or self.context(strategy).train_batch_size
         if self.targets is None:
             self.compute_targets(strategy)
         elif self.weight is None:
             self.weight = distill_weight_for_dim(self.targets.shape[1])
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
-        if self.mode == "alternate":
+        if self.params.mode == "alternate":
             criterion_gate(strategy, self.name)  # a strategy without a gate fails here, not mid-way
+        ctx = self.context(strategy)
         train_transform, eval_transform = model_transforms(unwrap(strategy.model))
-        data = IndexedImages(self.generic, self.items, self.train_pos, train_transform if self.augment else eval_transform)
+        data = IndexedImages(self.generic, self.items, self.train_pos, train_transform if ctx.augment else eval_transform)
         steps = getattr(strategy, "total_steps", 0) or 2**31 - 1
-        seed = self.seed * 1_000_003 + 7919 + int(getattr(strategy, "experience_index", task_id_of(strategy)))
+        seed = ctx.seed * 1_000_003 + 7919 + int(getattr(strategy, "experience_index", task_id_of(strategy)))
         # [seed, 0]: the stream RandomBatchSampler(seed) drew at its first pass; each process
         # takes its slice of the global batch
         dist = getattr(strategy, "dist", None)
-        self._batches = SideBatches(data, self.batch_size, [seed, 0], self.workers, period=steps, dist=dist, device=strategy.device)
+        self._batches = SideBatches(data, self.batch_size, [seed, 0], ctx.workers, period=steps, dist=dist, device=strategy.device)
         self.counts = {"downstream": 0, "generic": 0}
 
     def _is_generic(self, strategy: Any) -> bool:
         k = strategy.clock.train_exp_iterations
-        return self.mode == "alternate" and (k + 1) % self.generic_every == 0
+        return self.params.mode == "alternate" and (k + 1) % self.params.generic_every == 0
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         generic = self._is_generic(strategy)
@@ -182,7 +166,7 @@ class GenericDistillPlugin(CLPlugin):
             criterion_gate(strategy, self.name).mute(GENERIC_BATCH, generic)
         self._generic_batch = generic
         self.counts["generic" if generic else "downstream"] += 1
-        if generic or self.mode == "joint":
+        if generic or self.params.mode == "joint":
             assert self._batches is not None
             x, pos = self._batches.next()
             self._pos = pos
@@ -195,7 +179,7 @@ class GenericDistillPlugin(CLPlugin):
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.weight == 0 or self.targets is None:
             return
-        if self.mode == "joint":
+        if self.params.mode == "joint":
             with autocast_context(strategy):
                 embeds = unwrap(strategy.model).encode_image(self._x)
         elif self._generic_batch:

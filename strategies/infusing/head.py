@@ -34,57 +34,44 @@ class CosineHeadPlugin(CLPlugin):
     criterion gate (:mod:`cl_proxyfda.criterion_gate`) while the head trains; the head's
     loss is added to ``strategy.loss`` in ``before_backward`` like every other term.
 
-    Args:
-        scale: logit scale s in ``CE(s * cos(e, w_c), y)``.
-        init: ``text`` (frozen text embeddings of the class prompts) or ``random``.
-        lr: learning rate of the head's own parameter group (follows the backbone's
-            warm-up/schedule factor).
-        weight_decay: AdamW weight decay of the head group.
-        seed: seed of the random initialisation (mixed with the task id).
-        test_sets: optional ``(PIL image, label)`` test set per task id; after training
-            a task, its cosine-head test accuracy goes to ``diagnostics``.
-        task_names: names used in ``diagnostics`` keys (default ``task{i}``).
-        eval_batch_size: batch size of that evaluation.
+    Options (:class:`HeadParams`, read as ``self.params.x``): ``init`` (``text``: frozen
+    text embeddings of the class prompts, or ``random``), ``scale`` (logit scale s in
+    ``CE(s * cos(e, w_c), y)``), ``lr`` (the head's own parameter group; follows the
+    backbone's warm-up/schedule factor), ``weight_decay`` (AdamW, head group) and
+    ``record_accuracy``. The random initialisation is seeded by the run's seed (mixed with
+    the task id); the cosine-head test accuracy is measured at the run's eval batch size.
+
+    Python-only arguments (keyword-only):
+        test_sets: ``(PIL image, label)`` test set per task id; after training a task,
+            its cosine-head test accuracy goes to ``diagnostics`` (default: the run's
+            stream's test sets when ``record_accuracy``; none on a strategy built by hand).
+        task_names: names used in ``diagnostics`` keys (default: the stream's task names,
+            else ``task{i}``).
     """
 
     Params = HeadParams
     name = "infusing_head"
-
-    @classmethod
-    def from_params(cls, params: HeadParams, run: RunContext | None = None) -> "CosineHeadPlugin":
-        ctx = run or RunContext()
-        tasks = list(ctx.stream.tasks) if ctx.stream is not None else None
-        plugin = cls(
-            scale=params.scale,
-            init=params.init,
-            lr=params.lr,
-            weight_decay=params.weight_decay,
-            seed=ctx.seed,
-            test_sets=[t.test for t in tasks] if (tasks and params.record_accuracy) else None,
-            task_names=[t.name for t in tasks] if tasks else None,
-            eval_batch_size=ctx.eval_batch_size,
-        )
-        plugin.params, plugin.run = params, run
-        return plugin
+    params: HeadParams
 
     def __init__(
         self,
-        scale: float = 16.0,
-        init: str = "text",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-6,
-        seed: int = 0,
+        params: HeadParams | None = None,
+        /,
+        *,
+        run: RunContext | None = None,
         test_sets: Sequence[Dataset] | None = None,
         task_names: Sequence[str] | None = None,
-        eval_batch_size: int = 256,
+        **kwargs: Any,
     ) -> None:
-        if init not in ("text", "random"):
-            raise ValueError(f"init must be 'text' or 'random', got {init!r}")
-        super().__init__(HeadParams(init=init, scale=scale, lr=lr, weight_decay=weight_decay, record_accuracy=test_sets is not None))
-        self.scale, self.init, self.lr, self.weight_decay, self.seed = scale, init, lr, weight_decay, seed
-        self.test_sets = list(test_sets) if test_sets is not None else None
+        super().__init__(params, run=run, **kwargs)
+        stream = self.context().stream
+        tasks = list(stream.tasks) if stream is not None else []
+        if test_sets is None and tasks:
+            test_sets = [t.test for t in tasks]
+        if task_names is None and tasks:
+            task_names = [t.name for t in tasks]
+        self.test_sets = list(test_sets) if test_sets is not None and self.params.record_accuracy else None
         self.task_names = list(task_names) if task_names is not None else None
-        self.eval_batch_size = eval_batch_size
         self.heads: dict[int, nn.Parameter] = {}
         self.diagnostics: dict[str, float] = {}
         self.group: dict[str, Any] | None = None
@@ -97,10 +84,10 @@ class CosineHeadPlugin(CLPlugin):
     def _make_head(self, strategy: Any, task: int) -> nn.Parameter:
         with torch.no_grad():  # the zero-shot head: the template ensemble, not the training prompts
             text = unwrap(strategy.model).class_embeddings(task).detach().float()
-        if self.init == "text":
+        if self.params.init == "text":
             weight = text.clone()
         else:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + task)
+            gen = torch.Generator().manual_seed(self.context(strategy).seed * 1_000_003 + task)
             weight = torch.randn(text.shape, generator=gen) / text.shape[1] ** 0.5
         return nn.Parameter(weight.to(strategy.device))
 
@@ -122,7 +109,7 @@ class CosineHeadPlugin(CLPlugin):
             head = nn.Parameter(head.detach().to(strategy.device))
         self.heads[self._task] = head
         # The strategy's optimizer was made (fresh) before plugins' before_training_exp.
-        self.group = {"params": [head], "lr": self.lr * self._lr_factor(strategy), "weight_decay": self.weight_decay, "base_lr": self.lr, "name": "infusing_head"}
+        self.group = {"params": [head], "lr": self.params.lr * self._lr_factor(strategy), "weight_decay": self.params.weight_decay, "base_lr": self.params.lr, "name": "infusing_head"}
         strategy.optimizer.add_param_group(self.group)
         self.group = strategy.optimizer.param_groups[-1]
 
@@ -137,13 +124,13 @@ class CosineHeadPlugin(CLPlugin):
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         # CLStrategy sets every group to base_lr * factor after each step: put ours back.
         if self.group is not None:
-            self.group["lr"] = self.lr * self._lr_factor(strategy)
+            self.group["lr"] = self.params.lr * self._lr_factor(strategy)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if batch_source(strategy) != "downstream":
             return
         embeds = student_outputs(strategy)["image_embeds"]
-        loss = cosine_classifier_ce(embeds, self.heads[self._task], strategy.mb_y, self.scale)
+        loss = cosine_classifier_ce(embeds, self.heads[self._task], strategy.mb_y, self.params.scale)
         self.loss_terms["cosine_ce"] = float(loss.detach())
         strategy.loss = strategy.loss + loss
 
@@ -157,9 +144,9 @@ class CosineHeadPlugin(CLPlugin):
             return
         if self._tests is None:  # the project's evaluator; test inputs are not kept (cache 0)
             _, eval_transform = model_transforms(unwrap(strategy.model))
-            self._tests = TaskEvaluator(self.test_sets, eval_transform, self.eval_batch_size, cache_mb=0, own_rng=True)
+            self._tests = TaskEvaluator(self.test_sets, eval_transform, self.context(strategy).eval_batch_size, cache_mb=0, own_rng=True)
         embeds, labels = self._tests.features(strategy.model, self._task, strategy.device, getattr(strategy, "autocast_dtype", None))
-        logits = cosine_logits(embeds, self.heads[self._task].detach().cpu(), self.scale)
+        logits = cosine_logits(embeds, self.heads[self._task].detach().cpu(), self.params.scale)
         acc = 100.0 * float((logits.argmax(dim=1) == labels).float().mean())
         name = self.task_names[self._task] if self.task_names and self._task < len(self.task_names) else f"task{self._task}"
         self.diagnostics[f"head_accuracy/{name}"] = acc

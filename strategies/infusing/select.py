@@ -42,63 +42,37 @@ class BestCheckpointPlugin(CLPlugin):
     (:class:`cl_proxyfda.evaluation.TaskEvaluator`, preprocessed inputs kept up to
     ``cache_mb``); the generic k-NN score is :func:`cl_proxyfda.knn.knn_accuracy`.
 
-    Args:
-        every: evaluate after every ``every`` optimizer steps (and after the last step).
-        val_fraction: class-stratified share of the task's training data held out.
-        generic_score: ``knn`` (leave-one-out k-NN accuracy on the generic validation
-            split), ``alignment`` (100 * mean cosine to the pre-trained embeddings) or
-            ``auto`` (knn when the generic validation images carry two or more labels,
-            else alignment: unlabelled reference images).
-        knn_k: neighbours of the k-NN score.
-        include_start: also score the weights at the start of the experience.
-        seed: seed of the validation split (mixed with the experience index).
-        eval_batch_size, workers, cache_mb: of the validation passes.
-        scorer: Python only: replaces the score, ``scorer(strategy) -> float``.
+    Options (:class:`SelectParams`, read as ``self.params.x``): ``every`` (evaluate after
+    every ``every`` optimizer steps and after the last), ``val_fraction`` (class-stratified
+    share of the task's training data held out), ``generic_score`` (``knn``: leave-one-out
+    k-NN accuracy on the generic validation split; ``alignment``: 100 * mean cosine to the
+    pre-trained embeddings; ``auto``: knn when the generic validation images carry two or
+    more labels, else alignment, as for unlabelled reference images), ``knn_k``,
+    ``include_start`` (also score the weights at the start of the experience) and
+    ``cache_mb`` (of the validation passes).
+
+    From the run (:meth:`context`): the seed of the validation split (mixed with the
+    experience index), the eval batch size and workers of the validation passes.
+
+    Python-only argument (keyword-only):
+        scorer: replaces the score, ``scorer(strategy) -> float``.
     """
 
     Params = SelectParams
     name = "infusing_select"
-
-    @classmethod
-    def from_params(cls, params: SelectParams, run: RunContext | None = None) -> "BestCheckpointPlugin":
-        ctx = run or RunContext()
-        plugin = cls(
-            every=params.every,
-            val_fraction=params.val_fraction,
-            generic_score=params.generic_score,
-            knn_k=params.knn_k,
-            include_start=params.include_start,
-            seed=ctx.seed,
-            eval_batch_size=ctx.eval_batch_size,
-            workers=ctx.workers,
-            cache_mb=params.cache_mb,
-        )
-        plugin.params, plugin.run = params, run
-        return plugin
+    params: SelectParams
 
     def __init__(
         self,
-        every: int = 50,
-        val_fraction: float = 0.1,
-        generic_score: str = "auto",
-        knn_k: int = 10,
-        include_start: bool = False,
-        seed: int = 0,
-        eval_batch_size: int = 256,
-        workers: int = 0,
-        cache_mb: float = 512.0,
+        params: SelectParams | None = None,
+        /,
+        *,
+        run: RunContext | None = None,
         scorer: Callable[[Any], float] | None = None,
+        **kwargs: Any,
     ) -> None:
-        if every < 1:
-            raise ValueError("every must be >= 1")
-        if generic_score not in ("auto", "knn", "alignment"):
-            raise ValueError(f"generic_score must be 'auto', 'knn' or 'alignment', got {generic_score!r}")
-        super().__init__(SelectParams(
-            every=every, val_fraction=val_fraction, generic_score=generic_score, knn_k=knn_k, include_start=include_start, cache_mb=cache_mb,
-        ))
-        self.every, self.val_fraction, self.generic_score, self.knn_k = every, val_fraction, generic_score, knn_k
-        self.include_start, self.seed = include_start, seed
-        self.eval_batch_size, self.workers, self.cache_mb, self.scorer = eval_batch_size, workers, cache_mb, scorer
+        super().__init__(params, run=run, **kwargs)
+        self.scorer = scorer
         self.history: list[dict[str, Any]] = []
         self.val: TaskEvaluator | None = None  # the experience's validation split (set 0)
         self.generic_val: TaskEvaluator | None = None  # the generic validation images (set 0)
@@ -112,13 +86,14 @@ class BestCheckpointPlugin(CLPlugin):
         adapted = strategy.adapted_dataset
         if len(adapted) != len(exp_data):
             raise UserError("infusing_select: another plugin changed the training data of the experience; list infusing_select first")
-        seed = self.seed * 1_000_003 + 104_729 + int(strategy.experience.current_experience)
-        train_idx, val_idx = stratified_split([int(t) for t in exp_data.targets], self.val_fraction, seed)
+        ctx = self.context(strategy)
+        seed = ctx.seed * 1_000_003 + 104_729 + int(strategy.experience.current_experience)
+        train_idx, val_idx = stratified_split([int(t) for t in exp_data.targets], self.params.val_fraction, seed)
         if not val_idx:
-            raise UserError(f"infusing_select: val_fraction {self.val_fraction} leaves no validation images (every class needs 2 or more training images)")
+            raise UserError(f"infusing_select: val_fraction {self.params.val_fraction} leaves no validation images (every class needs 2 or more training images)")
         strategy.adapted_dataset = adapted.subset(train_idx)
         # eval-transformed items (x, y, t): the evaluator keeps x and y
-        self.val = TaskEvaluator([exp_data.eval().subset(val_idx)], None, self.eval_batch_size, cache_mb=self.cache_mb, workers=self.workers, own_rng=True)
+        self.val = TaskEvaluator([exp_data.eval().subset(val_idx)], None, ctx.eval_batch_size, cache_mb=self.params.cache_mb, workers=ctx.workers, own_rng=True)
 
     # ----------------------------------------------------------------- score
     def _embed(self, evaluator: TaskEvaluator, strategy: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +108,7 @@ class BestCheckpointPlugin(CLPlugin):
         head_plugin = find_plugin(strategy, CosineHeadPlugin)
         embeds, labels = self._embed(self.val, strategy)  # type: ignore[arg-type]
         if head_plugin is not None and head_plugin.head(task) is not None:
-            logits = cosine_logits(embeds, head_plugin.head(task).detach().cpu(), head_plugin.scale)
+            logits = cosine_logits(embeds, head_plugin.head(task).detach().cpu(), head_plugin.params.scale)
         else:
             with torch.no_grad():
                 logits = embeds @ model.class_embeddings(task).detach().float().cpu().t()
@@ -141,12 +116,12 @@ class BestCheckpointPlugin(CLPlugin):
         generic = find_plugin(strategy, GenericDistillPlugin)
         if generic is not None:
             if self.generic_val is None:
-                self.generic_val = generic.val_set(strategy, self.cache_mb)
+                self.generic_val = generic.val_set(strategy, self.params.cache_mb)
                 if self.generic_val is None:
                     raise UserError("infusing_select: the generic set has no validation split; set generic val_fraction > 0")
             g_embeds, pos = self._embed(self.generic_val, strategy)
             if self.generic_kind(generic) == "knn":
-                out["generic"] = knn_accuracy(g_embeds, generic.labels[pos], self.knn_k)
+                out["generic"] = knn_accuracy(g_embeds, generic.labels[pos], self.params.knn_k)
             else:
                 targets = torch.nn.functional.normalize(generic.targets[pos].float(), dim=-1)
                 out["generic"] = 100.0 * float((g_embeds * targets).sum(dim=1).mean())
@@ -157,8 +132,8 @@ class BestCheckpointPlugin(CLPlugin):
 
     def generic_kind(self, generic: GenericDistillPlugin) -> str:
         """``knn`` or ``alignment``: the generic score in use (``auto`` resolved)."""
-        if self.generic_score != "auto":
-            return self.generic_score
+        if self.params.generic_score != "auto":
+            return self.params.generic_score
         return "knn" if len(set(generic.labels[generic.val_pos].tolist())) >= 2 else "alignment"
 
     def _snapshot(self, strategy: Any) -> dict[str, Any]:
@@ -191,12 +166,12 @@ class BestCheckpointPlugin(CLPlugin):
     # ------------------------------------------------------------- callbacks
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._best, self._evaluations, self._last_step = None, [], -1
-        if self.include_start:
+        if self.params.include_start:
             self._evaluate(strategy, 0)
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         step = strategy.clock.train_exp_iterations + 1  # the clock counts after the plugins
-        if step % self.every == 0:
+        if step % self.params.every == 0:
             self._evaluate(strategy, step)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
