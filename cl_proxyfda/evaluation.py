@@ -7,14 +7,13 @@ one forward pass over the test sets and nothing else.
 """
 from __future__ import annotations
 
-import contextlib
-
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cl_proxyfda.device import autocast_to
 from cl_proxyfda.distributed import DistContext, sum_across
 from cl_proxyfda.teacher import unwrap
 
@@ -60,11 +59,6 @@ def replay_batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tens
     """Kept inputs and keys again, ``batch_size`` at a time, in their order."""
     for i in range(0, len(y), batch_size):
         yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 class TaskEvaluator:
@@ -132,7 +126,7 @@ class TaskEvaluator:
         correct = total = 0
         try:
             for x, y in self._share(task_id, device):
-                with _autocast(device, autocast_dtype):
+                with autocast_to(device, autocast_dtype):
                     logits = net(x, vocab)
                 correct += int((logits.argmax(dim=1).cpu() == y).sum())
                 total += len(y)
@@ -170,7 +164,7 @@ class TaskEvaluator:
             union_head = net.union_embeddings(union, templates)
             for x, y in self._share(task_id, device):
                 # the task head's logits exactly as forward_single_task computes them
-                with _autocast(device, autocast_dtype):
+                with autocast_to(device, autocast_dtype):
                     feats = net.encode_image(x)
                     logits = net.logit_scale * feats @ head.t()
                     union_logits = feats @ union_head.t()
@@ -193,7 +187,7 @@ class TaskEvaluator:
         feats, labels = [], []
         try:
             for x, y in self._batches(task_id):
-                with _autocast(device, autocast_dtype):
+                with autocast_to(device, autocast_dtype):
                     feats.append(net.encode_image(x.to(device)).float().cpu())
                 labels.append(y)
         finally:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cl_proxyfda.benchmarks.samplers import seeded_batches
+from cl_proxyfda.device import autocast_to
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.generators.cache import SyntheticCache, SyntheticDataset, cache_folder, generator_id
 from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE, apply_template, build_prompt_pool, imagenet_base_concepts, sample_prompts
@@ -264,7 +265,4 @@ class BatchPlan(torch.utils.data.Sampler):
 
 def autocast_context(strategy: Any) -> contextlib.AbstractContextManager:
     """The strategy's autocast (bf16/fp16) for extra forwards, or nothing."""
-    dtype = getattr(strategy, "autocast_dtype", None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(strategy.device.type, dtype=dtype)
+    return autocast_to(strategy.device, getattr(strategy, "autocast_dtype", None))

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from cl_proxyfda.criterion_gate import GatedCriterion
+from cl_proxyfda.device import autocast_to
 from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
 from cl_proxyfda.synthetic_terms import SyntheticChannel
@@ -235,10 +236,8 @@ class CLStrategy(GatedCriterion, SupervisedTemplate):
     def forward(self) -> Any:
         # Always pass the task labels (Avalanche's avalanche_forward would drop them for a
         # DDP-wrapped model, which is not a MultiTaskModule itself).
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return self.model(self.mb_x, self.mb_task_id)
-        return self.model(self.mb_x, self.mb_task_id)
+        with autocast_to(self.device, self.autocast_dtype):
+            return self.model(self.mb_x, self.mb_task_id)
 
     def backward(self) -> None:
         loss = self.loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_proxyfda.device import resolve_device
+from cl_proxyfda.device import autocast_to, resolve_device
 from cl_proxyfda.errors import UserError
 
 
@@ -31,3 +31,11 @@ def test_unknown_names_are_one_line_naming_the_key():
     assert str(info.value) == "--device: unknown device 'tpu9'"
     with pytest.raises(UserError, match="^run.device: unknown device"):
         resolve_device("")
+
+
+def test_autocast_to_lowers_matmuls_only_when_a_dtype_is_given():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast_to("cpu", torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast_to(torch.device("cpu"), None):
+        assert (a @ b).dtype == torch.float32

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cl_proxyfda.device import autocast_to
 from cl_proxyfda.tools.bench.context import BenchContext
 from cl_proxyfda.tools.bench.report import Section, Target
 from cl_proxyfda.tools.bench.timing import interleaved
@@ -32,10 +33,7 @@ def eval_section(ctx: BenchContext) -> Section:
         model.eval()
         with torch.no_grad():
             for x in batches:
-                if run.amp is not None:
-                    with torch.autocast(device.type, dtype=run.amp):
-                        model.encode_image(x.to(device))
-                else:
+                with autocast_to(device, run.amp):
                     model.encode_image(x.to(device))
         model.train()
 
