@@ -78,6 +78,7 @@ class AWCPlugin(CLPlugin):
         self.anchor: dict[str, Tensor] | None = None
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._claimed_terms: list[SyntheticTerm] = []
+        self._named: list[tuple[str, Tensor]] | None = None  # the trainable parameters of this experience
         self.gradient_calls = 0  # autograd.grad calls over the synthetic loss (tests, bench)
 
     @property
@@ -93,7 +94,8 @@ class AWCPlugin(CLPlugin):
         # every plugin's before_training has run: producers have registered on the channel
         if self.params.loss_source == "gift" and "gift" not in synthetic_channel(strategy).producers:
             raise UserError("strategies: awc with loss_source: gift needs the gift strategy in the same run")
-        self.anchor = snapshot(trainable_named_parameters(strategy))
+        self._named = trainable_named_parameters(strategy)  # fixed within an experience (0.2 ms a lookup)
+        self.anchor = snapshot(self._named)
         self.tracker.reset()
 
     def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
@@ -117,7 +119,7 @@ class AWCPlugin(CLPlugin):
         return total, chosen
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
-        named = trainable_named_parameters(strategy)
+        named = self._named if self._named is not None else trainable_named_parameters(strategy)
         if self.anchor is None:
             self.anchor = snapshot(named)
         if self.tracker.needs_gradients:

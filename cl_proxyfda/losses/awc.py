@@ -69,8 +69,9 @@ def importance_from_grads(
     ``torch.autograd.grad(..., allow_unused=True)`` zipped with the names.
 
     Computed for all tensors at once (one flat float32 buffer, a few whole-buffer ops
-    whatever the number of tensors, no host synchronisation): the results are views of
-    that buffer, shaped like the parameters.
+    whatever the number of tensors): the results are views of that buffer, shaped like
+    the parameters. On CUDA nothing is read back to the host; on the CPU the per-tensor
+    denominators are (a free read there) and each part is divided in place.
     """
     constant_names = tuple(constant_names)
     names = list(params)
@@ -92,9 +93,16 @@ def importance_from_grads(
     means = torch.stack(sums) / counts_f
     usable = torch.isfinite(means) & (means > 0)  # else (no, zero or non-finite gradient): tiny
     denom = torch.where(usable, means + eps, torch.ones_like(means))
-    total = sq.numel()
-    out = torch.where(usable.repeat_interleave(counts, output_size=total), sq.div_(denom.repeat_interleave(counts, output_size=total)), tiny)
-    return {name: v.view(params[name].shape) for name, v in zip(names, out.split(numels))}
+    if sq.is_cuda:  # spread the per-tensor values over the buffer on the device
+        total = sq.numel()
+        out = torch.where(usable.repeat_interleave(counts, output_size=total), sq.div_(denom.repeat_interleave(counts, output_size=total)), tiny)
+        parts = out.split(numels)
+    else:  # reading 2 x n_tensors values is free on the CPU; spreading them costs 0.5 ms at 32 tensors
+        torch._foreach_div_(list(parts), denom.tolist())  # the same float32 quotients, in place
+        for part, ok in zip(parts, usable.tolist()):
+            if not ok:
+                part.fill_(tiny)
+    return {name: v.view(params[name].shape) for name, v in zip(names, parts)}
 
 
 def importance_from_parameters(
