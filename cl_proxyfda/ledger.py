@@ -10,7 +10,9 @@ Written into ``metrics.json`` (``meta.ledger``), the summary table, W&B and comp
   spent preparing them, ``reference_images`` (ZSCL's reference set, Infusing's generic set);
 - extra storage in MB: ``teacher_copies`` / ``teacher_mb`` (frozen models kept in memory)
   and ``plugin_state_mb`` (anchors, importances, running averages a plugin keeps),
-  ``teacher_table_mb`` (the largest teacher-embedding table held, ``train.teacher_table``);
+  ``teacher_table_mb`` (teacher-embedding tables: the largest one ``train.teacher_table``
+  held, plus the largest each plugin held for its side set, GIFT's and ZSCL's
+  ``cache_teacher``);
 - ``peak_rss_mb`` (host), ``peak_gpu_mb`` (CUDA max allocated, 0 on CPU),
   ``wall_seconds`` and ``device_hours`` (wall time x processes);
 - ``task_label_at_test``: whether predictions need the task id (true for the
@@ -89,11 +91,12 @@ def build_ledger(
                 extras[key] = extras.get(key, 0) + value
         if hasattr(plugin, "state_dict"):
             state += state_mb(plugin.state_dict())
+    plugin_tables = float(extras.pop("teacher_table_mb", 0.0))
     ledger.update(extras)
     copies = list(getattr(teachers, "models", {}).values()) if teachers is not None else []
     ledger["teacher_copies"] = len(copies)
     ledger["teacher_mb"] = sum(tensor_mb(m.state_dict().values()) for m in copies)
-    ledger["teacher_table_mb"] = float(getattr(teachers, "table_mb", 0.0)) if teachers is not None else 0.0
+    ledger["teacher_table_mb"] = plugin_tables + (float(getattr(teachers, "table_mb", 0.0)) if teachers is not None else 0.0)
     ledger["plugin_state_mb"] = state
     ledger["peak_rss_mb"] = peak_rss_mb()
     ledger["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else 0.0

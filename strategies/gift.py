@@ -40,6 +40,7 @@ from cl_proxyfda.losses.gift import (
     image_text_alignment,
     similarity_logits,
 )
+from cl_proxyfda.ledger import tensor_mb
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, register_synthetic_producer, release_synthetic_terms
 from cl_proxyfda.side_data import SideBatches, embed_images
@@ -177,6 +178,7 @@ class GIFTPlugin(CLPlugin):
         self._batches: SideBatches | None = None
         # counters (tests, benchmarks)
         self.teacher_image_forwards = 0
+        self.table_mb = 0.0  # the largest teacher table of a synthetic set (cost ledger)
         self.teacher_text_forwards = 0
         self.experiences_prepared = 0
         self.synthetic_images = 0  # images of the synthetic sets used so far (cost ledger)
@@ -184,7 +186,7 @@ class GIFTPlugin(CLPlugin):
 
     def ledger(self) -> dict[str, float]:
         """Extra data for the run's cost ledger."""
-        return {"synthetic_images": self.synthetic_images, "synthetic_seconds": self.synthetic_seconds}
+        return {"synthetic_images": self.synthetic_images, "synthetic_seconds": self.synthetic_seconds, "teacher_table_mb": self.table_mb}
 
     # ------------------------------------------------------------ experience
     def before_training(self, strategy: Any, **kwargs: Any) -> None:
@@ -237,6 +239,7 @@ class GIFTPlugin(CLPlugin):
         kept = self._batches.kept is not None
         out, forwards = embed_images(teacher, self._batches.items, self.params.synthetic_batch_size, 0 if kept else self.workers)
         self.teacher_image_forwards += forwards
+        self.table_mb = max(self.table_mb, tensor_mb([out]))
         return out
 
     # ------------------------------------------------------------- iteration

@@ -71,6 +71,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cl_proxyfda.errors import UserError
+from cl_proxyfda.ledger import tensor_mb
 from cl_proxyfda.generators.prompt_pool import BASE_TEMPLATE, apply_template, imagenet_base_concepts
 from cl_proxyfda.losses.regularizers import l2_to_anchor
 from cl_proxyfda.losses.zscl import WEIGHT_ENSEMBLE_EVERY, ZSCL_TEMPERATURE, WeightEnsemble, zscl_distillation
@@ -207,10 +208,11 @@ class ZSCLPlugin(CLPlugin):
         self._text_rng: np.random.Generator | None = None
         self.teacher_text_forwards = 0
         self.teacher_image_forwards = 0
+        self.table_mb = 0.0  # the teacher table of the reference set (cost ledger)
 
     def ledger(self) -> dict[str, float]:
-        """Extra data for the run's cost ledger: the reference image set."""
-        return {"reference_images": len(self.images)}
+        """Extra data for the run's cost ledger: the reference image set (and its teacher table)."""
+        return {"reference_images": len(self.images), "teacher_table_mb": self.table_mb}
 
     @property
     def n_texts(self) -> int:
@@ -245,6 +247,7 @@ class ZSCLPlugin(CLPlugin):
             workers = 0 if self._batches.kept is not None else self.workers
             self._teacher_image, forwards = embed_images(teacher, self._batches.items, self.params.batch_size, workers, generator=torch.Generator())
             self.teacher_image_forwards += forwards
+            self.table_mb = tensor_mb([self._teacher_image])
 
     def distillation_loss(self, strategy: Any) -> Tensor:
         """The reference-logit distillation on the next reference batch."""

@@ -91,6 +91,11 @@ def test_gift_terms_enter_the_loss_and_teacher_embeddings_are_computed_once(tmp_
     # 8 images in batches of 4: 2 teacher forwards per experience, none per iteration
     assert gift.teacher_image_forwards == 2 * 2
     assert gift.teacher_text_forwards == 2
+    # the table of an experience's 8 synthetic images is in the run's cost ledger
+    with torch.no_grad():
+        embed = run.strategy.teachers.models["previous"].encode_text(["a photo"]).shape[1]
+    assert gift.table_mb == pytest.approx(8 * embed * 4 / 2**20)
+    assert results.meta["ledger"]["teacher_table_mb"] == pytest.approx(gift.table_mb)
     # frozen text tower (the tiny config trains the image tower only): student text once
     assert all(row["student_text_cached"] for row in probe.rows)
     assert results.matrix().shape == (3, 2)

@@ -318,13 +318,16 @@ def test_cached_teacher_serves_the_same_embeddings_once_per_run(tmp_path, data_r
         run = make_run(tmp_path / str(cached), data_root, [entry], tasks=("warm", "cool"), iterations=3)
         snaps = Snapshots()
         run.strategy.plugins.append(snaps)
-        execute(run, quiet=True)
+        results = execute(run, quiet=True)
         zscl = run.plugins[0]
         terms[cached] = [t["zscl_distill"] for t in snaps.terms]
+        table_mb = results.meta["ledger"]["teacher_table_mb"]
         if cached:
             assert zscl._teacher_image is not None and zscl._teacher_image.shape[0] == 10
             assert zscl.teacher_image_forwards == 3  # ceil(10 / 4), once for two experiences
+            assert table_mb == pytest.approx(zscl._teacher_image.numel() * 4 / 2**20)  # in the run's cost ledger
         else:
             assert zscl._teacher_image is None and zscl.teacher_image_forwards == 2 * 3  # one per iteration
+            assert table_mb == 0.0
     assert len(terms[True]) == 6
     assert np.allclose(terms[True], terms[False], rtol=1e-5, atol=1e-6)
