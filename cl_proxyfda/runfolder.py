@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from cl_proxyfda.config import NAME_MAX_BYTES, load_yaml_text
+from cl_proxyfda.config import NAME_MAX_BYTES
+from cl_proxyfda.yaml_files import load_yaml_text
 from cl_proxyfda.errors import UserError
 
 CONFIG_FILE = "config.yaml"

@@ -56,6 +56,7 @@ class SideBatches:
         keep_mb: float = 0.0,
     ) -> None:
         self.device = torch.device(device)
+        self.batch_size, self.workers = batch_size, workers
         sampler: Any = BatchPlan(len(dataset), batch_size, max(1, int(period)), seed)  # type: ignore[arg-type]
         if dist is not None and dist.enabled:
             sampler = ShardedBatches(sampler, dist)
@@ -84,6 +85,13 @@ class SideBatches:
             x, index = next(self._batches)
         self.drawn += 1
         return x.to(self.device, non_blocking=True), torch.as_tensor(index)
+
+    def table(self, encoder: nn.Module, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """``(embeddings, forwards)``: ``encoder``'s embeddings of the whole set in dataset
+        order (:func:`embed_images` over :attr:`items`; no loader workers for kept inputs),
+        a table the ``index`` of every batch addresses."""
+        workers = 0 if self.kept is not None else self.workers
+        return embed_images(encoder, self.items, self.batch_size, workers, generator=generator)
 
     def close(self) -> None:
         """Drop the running iterator (stops loader workers)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cl_proxyfda.config import RunConfig, apply_overrides, config_problems, read_yaml
+from cl_proxyfda.config import RunConfig, apply_overrides, config_problems
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.hub import availability, cached_location
 from cl_proxyfda.prefetch import model_need

@@ -43,7 +43,7 @@ from cl_proxyfda.losses.gift import (
 from cl_proxyfda.ledger import tensor_mb
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.synthetic_terms import add_synthetic_loss, publish_synthetic_loss, register_synthetic_producer, release_synthetic_terms
-from cl_proxyfda.side_data import SideBatches, embed_images
+from cl_proxyfda.side_data import SideBatches
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     BaseConcepts,
@@ -236,8 +236,7 @@ class GIFTPlugin(CLPlugin):
     def _encode_all_images(self, teacher: Any, strategy: Any) -> Tensor:
         """The teacher's embeddings of the whole synthetic set, in dataset order."""
         assert self._batches is not None
-        kept = self._batches.kept is not None
-        out, forwards = embed_images(teacher, self._batches.items, self.params.synthetic_batch_size, 0 if kept else self.workers)
+        out, forwards = self._batches.table(teacher)
         self.teacher_image_forwards += forwards
         self.table_mb = max(self.table_mb, tensor_mb([out]))
         return out

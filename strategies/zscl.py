@@ -77,7 +77,7 @@ from cl_proxyfda.losses.regularizers import l2_to_anchor
 from cl_proxyfda.losses.zscl import WEIGHT_ENSEMBLE_EVERY, ZSCL_TEMPERATURE, WeightEnsemble, zscl_distillation
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.anchors import trainable_named_parameters
-from cl_proxyfda.side_data import SideBatches, embed_images
+from cl_proxyfda.side_data import SideBatches
 from cl_proxyfda.strategies.base import CLPlugin, RunContext
 from cl_proxyfda.synthetic import (
     TransformedImages,
@@ -244,8 +244,7 @@ class ZSCLPlugin(CLPlugin):
         self._text_rng = np.random.default_rng(derived_seed(self.seed, index, 12))
         if self.params.cache_teacher and self._teacher_image is None:  # the teacher never changes: once per run
             teacher = teacher_bank(strategy).get(strategy.model, "pretrained")
-            workers = 0 if self._batches.kept is not None else self.workers
-            self._teacher_image, forwards = embed_images(teacher, self._batches.items, self.params.batch_size, workers, generator=torch.Generator())
+            self._teacher_image, forwards = self._batches.table(teacher, generator=torch.Generator())
             self.teacher_image_forwards += forwards
             self.table_mb = tensor_mb([self._teacher_image])
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cl_proxyfda.cli import main
-from cl_proxyfda.config import read_yaml
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.errors import ConfigError
 from cl_proxyfda.results import RunResults
 from conftest import tiny_config

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cl_proxyfda.config import apply_overrides, load_config, parse_config, read_yaml
+from cl_proxyfda.config import apply_overrides, load_config, parse_config
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.models import build_task_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

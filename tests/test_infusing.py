@@ -11,7 +11,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 from PIL import Image
 
-from cl_proxyfda.config import parse_config, read_yaml
+from cl_proxyfda.config import parse_config
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.errors import UserError
 from cl_proxyfda.knn import knn_accuracy
 from cl_proxyfda.losses.infusing import (

@@ -31,7 +31,8 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 
-from cl_proxyfda.config import parse_config, read_yaml
+from cl_proxyfda.config import parse_config
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.models import create_clip
 from cl_proxyfda.runner import build_run, execute
 from mtil_layouts import write_mtil_copy

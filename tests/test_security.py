@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cl_proxyfda.checkpoint import load_checkpoint_file
-from cl_proxyfda.config import read_yaml
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cl_proxyfda.config import RunConfig, apply_overrides, first_error, parse_config, read_yaml, set_path
+from cl_proxyfda.config import RunConfig, apply_overrides, first_error, parse_config, set_path
+from cl_proxyfda.yaml_files import read_yaml
 from cl_proxyfda.errors import ConfigError
 
 __all__ = [
