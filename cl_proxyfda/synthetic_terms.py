@@ -22,6 +22,8 @@ from typing import Any
 
 from torch import Tensor
 
+from cl_proxyfda.services import service_of
+
 ALL_SOURCES = "*"
 
 
@@ -64,11 +66,7 @@ def register_synthetic_producer(strategy: Any, source: str, consumer_weight_mult
 def synthetic_channel(strategy: Any) -> SyntheticChannel:
     """The strategy's channel (``CLStrategy.synthetic``; attached on first use to any other
     Avalanche strategy)."""
-    channel = getattr(strategy, "synthetic", None)
-    if channel is None:
-        channel = SyntheticChannel()
-        strategy.synthetic = channel
-    return channel
+    return service_of(strategy, "synthetic", SyntheticChannel)
 
 
 def claim_synthetic_gradients(strategy: Any, sources: set[str]) -> None:

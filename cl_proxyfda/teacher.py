@@ -22,6 +22,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from cl_proxyfda.services import service_of
+
 REFERENCES = ("pretrained", "previous")
 
 
@@ -135,11 +137,7 @@ class TeacherBank:
 
 def teacher_bank(strategy: Any) -> TeacherBank:
     """The strategy's shared TeacherBank (created on first use)."""
-    bank = getattr(strategy, "teachers", None)
-    if bank is None:
-        bank = TeacherBank()
-        strategy.teachers = bank
-    return bank
+    return service_of(strategy, "teachers", TeacherBank)
 
 
 def teacher_outputs(strategy: Any, reference: str = "pretrained", layers: Iterable[str] = ()) -> dict[str, Any]:

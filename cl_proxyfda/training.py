@@ -33,6 +33,7 @@ from cl_proxyfda.criterion_gate import GatedCriterion
 from cl_proxyfda.device import autocast_to
 from cl_proxyfda.distributed import DistContext, ShardedBatches
 from cl_proxyfda.errors import TrainingDiverged
+from cl_proxyfda.services import service_of
 from cl_proxyfda.synthetic_terms import SyntheticChannel
 from cl_proxyfda.teacher import TeacherBank, unwrap
 
@@ -81,11 +82,7 @@ class ClassSimilarity:
 def class_similarity_of(strategy: Any) -> ClassSimilarity:
     """The strategy's class-similarity service (an empty one is attached to a strategy
     that has none, such as a bare Avalanche ``SupervisedTemplate``)."""
-    service = getattr(strategy, "class_similarity", None)
-    if not isinstance(service, ClassSimilarity):
-        service = ClassSimilarity()
-        strategy.class_similarity = service
-    return service
+    return service_of(strategy, "class_similarity", ClassSimilarity)
 
 
 class WithIndex(torch.utils.data.Dataset):
