@@ -180,8 +180,8 @@ def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     with -inf): an empty row is then a finite uniform softmax that the final ``where``
     zeroes, with a zero gradient instead of NaN. A broadcast bool ``masked_fill`` and its
     backward cost about 150 us more at (64, 2, 4, 64) on one CPU thread."""
-    low = torch.tensor(torch.finfo(logits.dtype).min / 2, dtype=logits.dtype, device=logits.device)
-    bias = torch.where(mask, 0.0, low)
+    # (no scalar tensor: on CUDA its host-to-device copy would wait for the queued work)
+    bias = (~mask).to(logits.dtype).mul_(torch.finfo(logits.dtype).min / 2)
     probs = torch.softmax(logits + bias, dim=-1)
     return torch.where(mask, probs, 0.0)
 
@@ -464,7 +464,8 @@ def generator_loss(
     with torch.no_grad():
         sets = member_sets(positives).to(sim.dtype)  # (2, B, B): each side's real set
         count = sets.sum(2)  # (2, B)
-        sign = torch.tensor([1.0, -1.0], dtype=sim.dtype, device=sim.device).view(2, 1)
+        sign = torch.ones(2, 1, dtype=sim.dtype, device=sim.device)  # built on the device: no host copy per step
+        sign[1] = -1.0
         # per side, +s(i, x) for the positive side and -s(i, x) for the negative side: larger = easier
         signed_mean = (sim.unsqueeze(0) * sets).sum(2) / count.clamp(min=1) * sign  # (2, B)
         # validity competitors: a positive proxy against the real negatives, a (negated)
