@@ -479,3 +479,107 @@ def test_stacked_generator_loss_equals_the_side_by_side_form(normalize):
     assert values[0] > 0.1
     assert values[0] == pytest.approx(values[1], rel=1e-12)
     assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_pair_pooling_gradients_match_finite_differences():
+    """The generator's hand-written pair node (relu head + masked softmax) against
+    gradcheck, in float64, with an anchor whose positive set is empty."""
+    from cl_proxyfda.losses.fda import _PairPooling, member_sets
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n = 7, 5, 2
+    sim_h = torch.randn(b, b, generator=g, dtype=torch.float64)
+    positives = graph_mask(knn_graph(sim_h, 3), b)
+    positives[0] = False
+    mask = member_sets(positives).transpose(0, 1).contiguous().unsqueeze(2)
+    relation = torch.randn(b, b, 3, generator=g, dtype=torch.float64)
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in ((b, h), (h, 3), (2 * n, h), (2 * n,))]
+    member, pair, head_weight, head_bias = inputs
+
+    def pooled(member, pair, head_weight, head_bias):
+        weights = _PairPooling.apply(member, relation, pair, head_weight, head_bias, mask)
+        return weights * torch.arange(1.0, b + 1, dtype=torch.float64)  # a non-uniform output gradient
+
+    assert torch.autograd.gradcheck(pooled, inputs)
+    weights = _PairPooling.apply(member, relation, pair, head_weight, head_bias, mask)
+    assert torch.allclose(weights[1:].sum(-1), torch.ones(b - 1, 2 * n, dtype=torch.float64))
+    assert torch.equal(weights[0, :n], torch.zeros(n, b, dtype=torch.float64))  # no positives: zero pooling
+
+
+def test_generator_objective_gradient_matches_finite_differences():
+    """The generator loss's hand-written gradient against gradcheck (float64), both with
+    normalised and unnormalised proxies."""
+    from cl_proxyfda.testing import clip_like_features
+
+    z, _ = clip_like_features(10, 16, classes=3, seed=5)
+    z = z.double()
+    positives = graph_mask(knn_graph(z @ z.t(), 3), 10)
+    positives[2] = False
+    logits = torch.randn(10, 6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    from cl_proxyfda.losses.fda import PoolingWeights, member_sets
+
+    sets = member_sets(positives)
+    mask = sets.transpose(0, 1).repeat_interleave(3, dim=1)  # (B, 2n, B)
+    for normalize in (True, False):
+        def loss(logits):
+            weights = torch.where(mask, torch.softmax(logits.masked_fill(~mask, -1e30), -1), 0.0)
+            pooling = PoolingWeights(weights, sets.any(dim=2))
+            return generator_loss(z, pooling, positives, min_members=3.0, diversity_target=0.9, normalize=normalize)
+
+        assert float(loss(logits)) > 0
+        assert torch.autograd.gradcheck(loss, (logits,))
+
+
+def test_generator_attention_is_multihead_attention_with_one_head():
+    """The generator's written-out attention equals nn.MultiheadAttention on the same
+    parameters, value and gradients."""
+    gen = ProxyGenerator(16, n_proxies=2, hidden=8).double()
+    for p in gen.attn.parameters():
+        torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    ours = gen._attend(x)
+    (theirs,) = gen.attn(x.unsqueeze(0), x.unsqueeze(0), x.unsqueeze(0), need_weights=False)[:1]
+    assert torch.allclose(ours, theirs.squeeze(0), atol=1e-12)
+    grads = [torch.autograd.grad(out.square().sum(), [x, gen.attn.in_proj_weight]) for out in (ours, theirs)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fda_loss_gradients_match_finite_differences(normalize):
+    """The FDA loss's hand-written gradients (features, log tau, b), with proxies and
+    ignored pairs, against gradcheck in float64 on CLIP-like features."""
+    from cl_proxyfda.testing import clip_like_features
+
+    raw, _ = clip_like_features(10, 12, classes=3, seed=6)
+    zh, _ = clip_like_features(10, 12, classes=3, seed=7)
+    raw, zh = raw.double().requires_grad_(True), zh.double()
+    sim_h = zh @ zh.t()
+    positives = graph_mask(knn_graph(sim_h, 3), 10)
+    positives[4] = False  # anchor 4: no positives, no positive proxies
+    gen = ProxyGenerator(12, n_proxies=2, hidden=6).double()
+    pooling = gen(F.normalize(raw, dim=1), sim_h, positives)
+    ignore = torch.zeros(10, 10, dtype=torch.bool)
+    ignore[0, 5] = ignore[5, 0] = True
+    log_tau = torch.tensor(math.log(0.3), dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+
+    def loss(raw, log_tau, bias):
+        z = F.normalize(raw, dim=1)
+        proxies = make_proxies(z, sim_h, pooling, "clamp0", normalize=normalize)
+        return fda_loss(z, zh, 3, log_tau, bias, "clamp0", proxies, positives, ignore=ignore)
+
+    assert torch.autograd.gradcheck(loss, (raw, log_tau, bias))
+    assert torch.autograd.gradcheck(lambda raw: fda_loss(F.normalize(raw, dim=1), zh, 3, log_tau, bias, "one_minus"), (raw,))
+
+
+def test_losses_under_no_grad_give_the_same_values():
+    """Under torch.no_grad the fused losses skip their gradients and give the same values."""
+    z, zh = clustered(seed=8, offset=2.0), clustered(seed=9, offset=2.0)
+    gen = ProxyGenerator(16)
+    with_grad = full_step(z.clone().requires_grad_(True), zh, gen)
+    with torch.no_grad():
+        without = full_step(z.clone().requires_grad_(True), zh, gen)
+    assert with_grad[0].requires_grad and not without[0].requires_grad and not without[1].requires_grad
+    assert float(with_grad[0]) == pytest.approx(float(without[0]), rel=1e-6)
+    assert float(with_grad[1]) == pytest.approx(float(without[1]), rel=1e-6)

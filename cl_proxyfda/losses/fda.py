@@ -31,7 +31,7 @@ positives, or none) works with the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,58 +159,93 @@ class PoolingWeights:
 class Proxies:
     """Proxies of every anchor, as the loss needs them, and their target weights.
 
-    ``sim_pos``/``sim_neg``: (B, n_proxies) similarity ``z_i . P`` of anchor i to each of
-    its positive / negative proxies (differentiable in ``z``); ``w_pos``/``w_neg``:
-    (B, n_proxies) target weights; ``valid_pos``/``valid_neg``: (B,) masks of anchors
-    that have such proxies. The proxy vectors themselves are :func:`pool`.
+    ``weights``: (B, 2n, B) detached pooling weights (row i: anchor i's n positive
+    proxies, then its n negative ones); ``targets``: (B, 2n) their target weights;
+    ``valid``: (B, 2n) whether anchor i has that proxy (a non-empty set); ``sim``:
+    ``z z^T`` with its gradient; ``normalize``: proxies projected onto the unit sphere.
+    The proxy vectors themselves are :func:`pool`; ``similarity`` is ``z_i . P``.
     """
 
-    sim_pos: Tensor
-    sim_neg: Tensor
-    w_pos: Tensor
-    w_neg: Tensor
-    valid_pos: Tensor
-    valid_neg: Tensor
+    weights: Tensor
+    targets: Tensor
+    valid: Tensor
+    sim: Tensor
+    normalize: bool = True
+
+    @property
+    def n_proxies(self) -> int:
+        return self.weights.shape[1] // 2
+
+    @property
+    def similarity(self) -> Tensor:
+        """(B, 2n) ``z_i . P`` for each of anchor i's proxies (differentiable in ``z``)."""
+        return proxy_cosines(self.sim, self.weights, self.normalize).s
+
+    @property
+    def sim_pos(self) -> Tensor:
+        return self.similarity[:, : self.n_proxies]
+
+    @property
+    def sim_neg(self) -> Tensor:
+        return self.similarity[:, self.n_proxies :]
+
+    @property
+    def w_pos(self) -> Tensor:
+        return self.targets[:, : self.n_proxies]
+
+    @property
+    def w_neg(self) -> Tensor:
+        return self.targets[:, self.n_proxies :]
 
 
-def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
-    """Softmax over the last dim restricted to ``mask``; rows with an empty mask give 0.
+class _PairPooling(torch.autograd.Function):
+    """The generator's per-pair part, as one autograd node: pooling weights (B, 2n, B) of
+    ``softmax over each side's set of head(relu(member_j + relation_ij pair^T))``.
 
-    Masked entries get a finite, hugely negative bias (their exponential is exactly 0, as
-    with -inf): an empty row is then a finite uniform softmax that the final ``where``
-    zeroes, with a zero gradient instead of NaN. A broadcast bool ``masked_fill`` and its
-    backward cost about 150 us more at (64, 2, 4, 64) on one CPU thread."""
-    # (no scalar tensor: on CUDA its host-to-device copy would wait for the queued work)
-    bias = (~mask).to(logits.dtype).mul_(torch.finfo(logits.dtype).min / 2)
-    probs = torch.softmax(logits + bias, dim=-1)
-    return torch.where(mask, probs, 0.0)
+    Inputs: ``member`` (B, h) each member's token after ``Linear(h, h)``, ``relation``
+    (B, B, 3) constant pair features, ``pair`` (h, 3) their projection, ``head_weight``
+    (2n, h), ``head_bias`` (2n,), ``mask`` (B, 2, 1, B) bool, each side's set for its n
+    proxies. The same values and gradients as the composition of ``baddbmm``,
+    ``F.linear(F.relu(.))`` and a masked softmax (tests/test_fda_losses.py checks them
+    with ``gradcheck``); written out because that composition was about a dozen autograd
+    nodes on (B, B, h)-sized tensors, and so that each product runs in the layout CPU BLAS
+    is fast at (with (4096, 16) x (16, 8) shapes, ``F.linear`` and autograd's backward on
+    the permuted gradient were each about 3x slower, one CPU thread).
 
-
-class _ReluHead(torch.autograd.Function):
-    """``head(relu(pre))`` for the (P, h) pre-activations of all P = B^2 pairs, returned
-    transposed as (2n, P): ``weight @ relu(pre)^T + bias``.
-
-    The same values and gradients as ``F.linear(F.relu(pre), weight, bias).t()``; written
-    out so that each of its three products runs in the layout CPU BLAS is fast at. With
-    (4096, 32) x (32, 8) shapes, ``F.linear`` and autograd's own backward (on the permuted
-    gradient) are each about 3x slower than the forms below (one CPU thread).
+    The softmax is restricted to the mask by a finite, hugely negative bias on the other
+    entries (their exponential is exactly 0, as with -inf): an anchor with an empty set
+    gets a finite uniform softmax that the final ``where`` zeroes, with a zero gradient
+    instead of NaN.
     """
 
     @staticmethod
-    def forward(ctx: Any, pre: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        hidden = pre.clamp(min=0)
-        ctx.save_for_backward(hidden, weight)
-        return torch.addmm(bias.unsqueeze(1), weight, hidden.t())
+    def forward(ctx: Any, member: Tensor, relation: Tensor, pair: Tensor, head_weight: Tensor, head_bias: Tensor, mask: Tensor) -> Tensor:
+        b, h = member.shape
+        two_n = head_weight.shape[0]
+        pre = torch.baddbmm(member.unsqueeze(0), relation, pair.t().unsqueeze(0).expand(b, -1, -1))  # (B, B, h)
+        hidden = pre.view(b * b, h).clamp(min=0)
+        logits = torch.addmm(head_bias.unsqueeze(1), head_weight, hidden.t())  # (2n, B^2): row r, pair (i, j)
+        logits = logits.view(two_n, b, b).transpose(0, 1).reshape(b, 2, two_n // 2, b)  # (B, 2, n, B), contiguous
+        bias = (~mask).to(logits.dtype).mul_(torch.finfo(logits.dtype).min / 2)  # no scalar tensor: no host copy on CUDA
+        weights = torch.where(mask, torch.softmax(logits + bias, dim=-1), 0.0).view(b, two_n, b)
+        ctx.save_for_backward(hidden, relation, head_weight, weights)
+        return weights
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        hidden, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # (2n, P)
-        # ReLU's own backward kernel: a bool-mask masked_fill_ here took ~370 us at P = 4096
-        grad_pre = torch.ops.aten.threshold_backward(grad.t() @ weight, hidden, 0) if ctx.needs_input_grad[0] else None
-        grad_weight = grad @ hidden if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
-        return grad_pre, grad_weight, grad_bias
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, relation, head_weight, weights = ctx.saved_tensors
+        b = weights.shape[0]
+        two_n, h = head_weight.shape
+        # softmax backward (zero off the mask, where the weights are exactly 0)
+        grad_logits = weights * (grad - (weights * grad).sum(-1, keepdim=True))  # (B, 2n, B)
+        grad_logits = grad_logits.permute(1, 0, 2).reshape(two_n, b * b)  # (2n, B^2), contiguous
+        # ReLU's own backward kernel: a bool-mask masked_fill_ here took ~370 us at B^2 = 4096
+        grad_pre = torch.ops.aten.threshold_backward(grad_logits.t() @ head_weight, hidden, 0)  # (B^2, h)
+        grad_member = grad_pre.view(b, b, h).sum(0) if ctx.needs_input_grad[0] else None
+        grad_pair = grad_pre.t() @ relation.view(b * b, -1) if ctx.needs_input_grad[2] else None
+        grad_head_weight = grad_logits @ hidden if ctx.needs_input_grad[3] else None
+        grad_head_bias = grad_logits.sum(1) if ctx.needs_input_grad[4] else None
+        return grad_member, None, grad_pair, grad_head_weight, grad_head_bias, None
 
 
 class ProxyGenerator(nn.Module):
@@ -265,21 +300,18 @@ class ProxyGenerator(nn.Module):
         tokens = self.embed(z)  # (B, h): one sequence, shared by every anchor
         tokens = tokens + self._attend(self.norm(tokens))
         relation = torch.stack([sim, sim_h, positives.to(z.dtype)], dim=-1)  # (B, B, 3)
-        # member(c_j) + pair(relation_ij) as one batched product (B, B, 3) x (3, h)
-        pair = self.pair.weight.t().unsqueeze(0).expand(b, -1, -1)
-        pre = torch.baddbmm(self.member(tokens).unsqueeze(0), relation, pair)  # (B, B, h)
-        n = self.n_proxies
-        logits = _ReluHead.apply(pre.view(b * b, -1), self.head.weight, self.head.bias).view(2 * n, b, b).permute(1, 0, 2)
         mask = sets.transpose(0, 1).contiguous().unsqueeze(2)  # (B, 2, 1, B): each side's set, for its n proxies
-        weights = _masked_softmax(logits.reshape(b, 2, n, b), mask).view(b, 2 * n, b)  # both sides in one pass
+        weights = _PairPooling.apply(self.member(tokens), relation, self.pair.weight, self.head.weight, self.head.bias, mask)
         return PoolingWeights(weights, sets.any(dim=2))
 
     def _attend(self, x: Tensor) -> Tensor:
         """Single-head self-attention of the (B, h) tokens on ``self.attn``'s parameters:
-        what ``nn.MultiheadAttention`` computes with one head, without its per-call
-        reshaping (half a millisecond of the step at B = 64 on one CPU thread)."""
+        what ``nn.MultiheadAttention`` computes with one head (no dropout, no mask), in
+        five operations (its per-call reshaping and ``scaled_dot_product_attention``'s
+        general path were over half a millisecond of the step at B = 64, one CPU thread)."""
         q, k, v = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        return self.attn.out_proj(F.scaled_dot_product_attention(q, k, v))
+        scores = torch.softmax((q @ k.t()).mul_(q.shape[-1] ** -0.5), dim=-1)
+        return self.attn.out_proj(scores @ v)
 
 
 def pool(weights: Tensor, z: Tensor, normalize: bool = True) -> Tensor:
@@ -290,9 +322,18 @@ def pool(weights: Tensor, z: Tensor, normalize: bool = True) -> Tensor:
     return F.normalize(proxies, dim=-1) if normalize else proxies
 
 
-def proxy_cosines(sim: Tensor, weights: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s, a_s, norm)``: ``s[i, m] = z_i . P_im`` (B, n) from ``sim = z z^T`` alone, with
-    the products ``a_s = A S`` (B, n, B) and the norms ``||A_im z||`` (B, n) it used.
+class ProxyCosines(NamedTuple):
+    """What :func:`proxy_cosines` computed: ``s`` (B, n) anchor-to-proxy similarities,
+    ``a_s = A S`` (B, n, B), ``q = ||A z||^2`` and ``norm = sqrt(max(q, 1e-12))`` (B, n)."""
+
+    s: Tensor
+    a_s: Tensor
+    q: Tensor
+    norm: Tensor
+
+
+def proxy_cosines(sim: Tensor, weights: Tensor, normalize: bool = True) -> ProxyCosines:
+    """``s[i, m] = z_i . P_im`` (B, n) from ``sim = z z^T`` alone, with the products it used.
 
     ``A_im z . z_i = (A S)[i, m, i]`` and ``||A_im z||^2 = sum_j (A S)[i, m, j] A[i, m, j]``:
     no (B, n, D) tensor is formed, whatever the feature size D. With ``normalize`` the
@@ -300,8 +341,9 @@ def proxy_cosines(sim: Tensor, weights: Tensor, normalize: bool = True) -> tuple
     """
     a_s = weights @ sim  # (B, n, B)
     s = a_s.diagonal(dim1=0, dim2=2).t()  # (B, n): row i of A_i S, column i
-    norm = (a_s * weights).sum(-1).clamp(min=1e-12).sqrt()  # (B, n)
-    return (s / norm if normalize else s), a_s, norm
+    q = torch.linalg.vecdot(a_s, weights)  # (B, n)
+    norm = q.clamp(min=1e-12).sqrt()
+    return ProxyCosines(s / norm if normalize else s, a_s, q, norm)
 
 
 def proxy_similarity(sim: Tensor, weights: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
@@ -309,7 +351,7 @@ def proxy_similarity(sim: Tensor, weights: Tensor, normalize: bool = True) -> tu
     proxies ``G[i] = P_i P_i^T`` (B, n, n), from ``sim = z z^T`` alone (see
     :func:`proxy_cosines`; the Gram matrix costs one more (n, B) x (B, n) product per anchor).
     """
-    s, a_s, norm = proxy_cosines(sim, weights, normalize)
+    s, a_s, _, norm = proxy_cosines(sim, weights, normalize)
     gram = a_s @ weights.transpose(1, 2)  # (B, n, n)
     if normalize:
         gram = gram / (norm.unsqueeze(2) * norm.unsqueeze(1))
@@ -327,13 +369,12 @@ def make_proxies(
     the default ``clamp0`` it is ``-(A- max(Sh_i, 0))``, for ``minus_one`` it is -1.
     ``sim`` (``z z^T`` with its gradient, optional) saves recomputing it.
     """
-    pooled = pooling.detach()
-    n = pooled.n_proxies
-    sim = (z @ z.t()) if sim is None else sim
-    both, _, _ = proxy_cosines(sim, pooled.weights, normalize)  # one pass for both sets
-    w_pos = (pooled.pos * sim_h.clamp(min=0).unsqueeze(1)).sum(-1)
-    w_neg = (pooled.neg * negative_weight(sim_h, neg_weight).unsqueeze(1)).sum(-1)
-    return Proxies(both[:, :n], both[:, n:], w_pos, w_neg, pooling.has_pos, pooling.has_neg)
+    pooled = pooling.weights.detach()
+    b, two_n, _ = pooled.shape
+    side_targets = torch.stack([sim_h.clamp(min=0), negative_weight(sim_h, neg_weight)], dim=1).unsqueeze(2)  # (B, 2, 1, B)
+    targets = torch.linalg.vecdot(pooled.view(b, 2, two_n // 2, b), side_targets).view(b, two_n)
+    valid = pooling.has.t().repeat_interleave(two_n // 2, dim=1)  # (B, 2n)
+    return Proxies(pooled, targets, valid, (z @ z.t()) if sim is None else sim, normalize)
 
 
 def pooling_entropy(weights: Tensor) -> Tensor:
@@ -388,22 +429,105 @@ def fda_loss(
     positives = positives & off_diag
     pairs = off_diag if ignore is None else off_diag & (~ignore | positives)
     weights = torch.where(positives, sim_h.clamp(min=0), negative_weight(sim_h, neg_weight))  # signed_weights; the diagonal is masked below
-    losses = pair_loss((z @ z.t()) if sim is None else sim, weights, log_tau, bias) * pairs
-    total = losses.sum(dim=1)
-    count = pairs.sum(dim=1).to(z.dtype)
-    if proxies is not None:  # both proxy sets in one pass
-        n = proxies.sim_pos.shape[1]
-        sims = torch.cat([proxies.sim_pos, proxies.sim_neg], dim=1)
-        valid = torch.stack([proxies.valid_pos, proxies.valid_neg], dim=1).repeat_interleave(n, dim=1)  # (B, 2n)
-        total = total + (pair_loss(sims, torch.cat([proxies.w_pos, proxies.w_neg], dim=1), log_tau, bias) * valid).sum(dim=1)
-        count = count + valid.sum(dim=1).to(z.dtype)
-    return (total / count).mean()
+    sim = (z @ z.t()) if sim is None else sim
+    if proxies is None:
+        return _FDALossFn.apply(sim, log_tau, bias, weights, pairs, None, None, None, True, torch.is_grad_enabled())
+    return _FDALossFn.apply(
+        sim, log_tau, bias, weights, pairs, proxies.weights, proxies.targets, proxies.valid, proxies.normalize, torch.is_grad_enabled()
+    )
+
+
+class _FDALossFn(torch.autograd.Function):
+    """:func:`fda_loss` of ``S = z z^T``, ``log tau`` and ``b`` as one autograd node
+    (:func:`_fda_terms` gives the value and its gradients together; ``grad_enabled``: the
+    caller's grad mode, as ``forward`` always runs without it)."""
+
+    @staticmethod
+    def forward(ctx: Any, sim: Tensor, log_tau: Tensor, bias: Tensor, weights: Tensor, pairs: Tensor, proxy_weights: Tensor | None,
+                proxy_targets: Tensor | None, proxy_valid: Tensor | None, normalize: bool, grad_enabled: bool) -> Tensor:
+        needs = tuple(grad_enabled and wanted for wanted in ctx.needs_input_grad[:3])
+        loss, grads = _fda_terms(sim, log_tau, bias, weights, pairs, proxy_weights, proxy_targets, proxy_valid, normalize, needs)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grads = tuple(None if g is None else g * grad for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _fda_terms(
+    sim: Tensor, log_tau: Tensor, bias: Tensor, weights: Tensor, pairs: Tensor, proxy_weights: Tensor | None, proxy_targets: Tensor | None,
+    proxy_valid: Tensor | None, normalize: bool, needs: tuple[bool, ...],
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """(loss, (d/d S, d/d log tau, d/d b)) of :func:`fda_loss`; a gradient is None where
+    ``needs`` says it is not wanted.
+
+    With ``x = S / tau + b`` and ``l = softplus(-W x)``: ``dl/dx = -W sigmoid(-W x)``,
+    ``dx/dS = 1/tau``, ``dx/d log tau = -S/tau``, ``dx/db = 1``. A proxy's similarity
+    ``s = A_r S_i / ||A_r z||`` (:func:`proxy_cosines`) sends ``g / norm`` to ``S`` through
+    ``s_raw[i, r] = (A_r S)_i``, i.e. ``dS[:, i] += sum_r g_r A_r / norm_r``, and ``-g s /
+    norm`` through ``norm = sqrt(A_r S A_r^T)``, i.e. ``dS += sum_r c_r A_r^T A_r``.
+    """
+    b = sim.shape[0]
+    inv_tau = log_tau.detach().neg().exp()
+    shift = bias.detach()
+    sim = sim.detach()
+    pairs = pairs.to(sim.dtype)
+    count = pairs.sum(1)
+    signed_x = (sim * inv_tau + shift).mul_(weights).neg_()  # -W x
+    total = (F.softplus(signed_x) * pairs).sum(1)
+    proxy_sim = None
+    if proxy_weights is not None:
+        valid = proxy_valid.to(sim.dtype)
+        proxy_sim, _, q, norm = proxy_cosines(sim, proxy_weights, normalize)
+        proxy_x = (proxy_sim * inv_tau + shift).mul_(proxy_targets).neg_()
+        total = total + (F.softplus(proxy_x) * valid).sum(1)
+        count = count + valid.sum(1)
+    per_anchor = count.reciprocal() / b
+    loss = torch.dot(total, per_anchor)
+    if not any(needs):
+        return loss, (None, None, None)
+    # d loss / dx for every term: -W sigmoid(-W x), weighted by its anchor's 1 / (B count)
+    g_x = torch.sigmoid(signed_x).mul_(weights).mul_(pairs * -per_anchor.unsqueeze(1))
+    g_proxy = None
+    if proxy_weights is not None:
+        g_proxy = torch.sigmoid(proxy_x).mul_(proxy_targets).mul_(valid * -per_anchor.unsqueeze(1))
+    g_bias = (g_x.sum() + (0 if g_proxy is None else g_proxy.sum())) if needs[2] else None
+    g_log_tau = None
+    if needs[1]:
+        g_log_tau = -inv_tau * (torch.linalg.vecdot(g_x.flatten(), sim.flatten()) + (0 if g_proxy is None else torch.linalg.vecdot(g_proxy.flatten(), proxy_sim.flatten())))
+    g_sim = None
+    if needs[0]:
+        g_sim = g_x * inv_tau
+        if g_proxy is not None:
+            g_s = g_proxy * inv_tau  # (B, 2n)
+            g_raw = g_s / norm if normalize else g_s
+            g_sim = g_sim + torch.bmm(g_raw.unsqueeze(1), proxy_weights).squeeze(1).t()  # through s_raw
+            if normalize:  # through the norm
+                g_q = (-0.5 * g_s * proxy_sim / norm.square()).mul_(q >= 1e-12)
+                flat = proxy_weights.reshape(-1, b)
+                g_sim = torch.addmm(g_sim, (flat * g_q.reshape(-1, 1)).t(), flat)
+    return loss, (g_sim, g_log_tau, g_bias)
 
 
 def _set_mean(sim: Tensor, mask: Tensor) -> Tensor:
     """Mean of each row of ``sim`` over ``mask`` (0 for empty rows), (B,)."""
     m = mask.float()
     return (sim * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class GeneratorObjective:
+    """The weights of the generator loss's terms (see :func:`generator_loss`)."""
+
+    temperature: float = 0.1
+    alpha: float = 1.0
+    diversity_target: float = 0.5
+    hardness: float = 10.0
+    min_members: float = 2.0
+    entropy_weight: float = 1.0
+    normalize: bool = True
 
 
 def generator_loss(
@@ -450,64 +574,126 @@ def generator_loss(
     positive proxies over anchors with positives, negative proxies over anchors with
     negatives). ``sim`` (``z z^T``, optional) saves recomputing it.
 
-    Both sides are computed together on stacked tensors, and everything that does not
-    depend on the pooling weights (set means, the validity denominators, the entropy
-    floors, the real sets' spread, the per-anchor averaging weights) is computed first
-    without gradient: the same value as the term-by-term form
-    (tests/test_fda_losses.py), with a third of its operations (the loss is small-tensor
-    work; its cost is the number of operations, forward and backward).
+    The loss is small-tensor work whose cost is the number of operations, so it is one
+    autograd node (:class:`_GeneratorObjectiveFn`): both sides are computed together on
+    stacked tensors, and the gradient with respect to the pooling weights is written out
+    by hand and computed with the value. Value and generator gradients equal the
+    term-by-term form (tests/test_fda_losses.py).
     """
     z = z.detach()
-    b = z.shape[0]
-    n = pooling.n_proxies
     sim = (z @ z.t()) if sim is None else sim.detach()
-    with torch.no_grad():
-        sets = member_sets(positives).to(sim.dtype)  # (2, B, B): each side's real set
-        count = sets.sum(2)  # (2, B)
-        sign = torch.ones(2, 1, dtype=sim.dtype, device=sim.device)  # built on the device: no host copy per step
-        sign[1] = -1.0
-        # per side, +s(i, x) for the positive side and -s(i, x) for the negative side: larger = easier
-        signed_mean = (sim.unsqueeze(0) * sets).sum(2) / count.clamp(min=1) * sign  # (2, B)
-        # validity competitors: a positive proxy against the real negatives, a (negated)
-        # negative proxy against the (negated) positives
-        others = (sim.unsqueeze(0) * (sign.unsqueeze(2) / temperature)).masked_fill(sets.flip(0) == 0, float("-inf"))
-        rest = torch.logsumexp(others, dim=2)  # (2, B)
-        floor = count.clamp(min=1, max=min_members).log()  # (2, B)
-        has = pooling.has.to(sim.dtype)  # (2, B)
-        per_has = has / has.sum(1, keepdim=True).clamp(min=1)  # (2, B): mean over the anchors with that side's set
-        both = has[0] * has[1]
-        per_both = both / both.sum().clamp(min=1)
-        w = sets / count.clamp(min=1).unsqueeze(2)
-        real_spread = (w @ sim.diagonal() - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()  # (2, B)
-        # per proxy: the mean over the n proxies of a side, then over the anchors
-        per_proxy_has = (per_has / n).t().unsqueeze(2)  # (B, 2, 1)
-        per_proxy_both = (per_both / n).view(b, 1, 1)
-    weights = pooling.weights  # (B, 2n, B)
-    s, a_s, norm = proxy_cosines(sim, weights, normalize)
-    signed = s.view(b, 2, n) * sign.view(1, 2, 1)
-    own = signed / temperature
-    validity = torch.logaddexp(own, rest.t().unsqueeze(2)) - own  # (B, 2, n), InfoNCE form
+    objective = GeneratorObjective(temperature, alpha, diversity_target, hardness, min_members, entropy_weight, normalize)
+    return _GeneratorObjectiveFn.apply(pooling.weights, sim, member_sets(positives), pooling.has, objective, torch.is_grad_enabled())
+
+
+class _GeneratorObjectiveFn(torch.autograd.Function):
+    """:func:`generator_loss` of the (B, 2n, B) pooling weights as one autograd node (the
+    gradient is computed with the value; ``grad_enabled``: the caller's grad mode)."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: Tensor, sim: Tensor, sets: Tensor, has: Tensor, objective: GeneratorObjective, grad_enabled: bool) -> Tensor:
+        total, grad = _generator_objective(weights, sim, sets, has, objective, with_grad=grad_enabled and ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total if grad is not None else None), None, None, None, None, None
+
+
+def _generator_objective(
+    weights: Tensor, sim: Tensor, sets: Tensor, has: Tensor, o: GeneratorObjective, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(value, d value / d weights or None) of the generator loss; ``sim`` must be
+    symmetric (it is ``z z^T``). Forward and backward side by side, term by term:
+
+    with ``A = W S`` (B, 2n, B), a proxy's raw similarity ``s_raw[i, r] = A[i, r, i]``,
+    its squared norm ``q = sum_j A W``, ``norm = sqrt(max(q, 1e-12))`` and ``s = s_raw /
+    norm`` (normalised proxies): ``d s_raw / d W[i, r] = S[i]``, ``d q / d W[i, r] = 2
+    A[i, r]``. Each term's gradient is gathered on ``s``, ``norm`` and ``W`` directly,
+    then pushed through those two products once.
+    """
+    b = weights.shape[0]
+    n = weights.shape[1] // 2
+    sets = sets.to(sim.dtype)  # (2, B, B): each side's real set
+    count = sets.sum(2)  # (2, B)
+    sign = torch.ones(2, 1, dtype=sim.dtype, device=sim.device)  # built on the device: no host copy per step
+    sign[1] = -1.0
+    # per side, +s(i, x) for the positive side and -s(i, x) for the negative side: larger = easier
+    signed_mean = (sim.unsqueeze(0) * sets).sum(2) / count.clamp(min=1) * sign  # (2, B)
+    # validity competitors: a positive proxy against the real negatives, a (negated)
+    # negative proxy against the (negated) positives
+    others = (sim.unsqueeze(0) * (sign.unsqueeze(2) / o.temperature)).masked_fill(sets.flip(0) == 0, float("-inf"))
+    rest = torch.logsumexp(others, dim=2).t().unsqueeze(2)  # (B, 2, 1)
+    has = has.to(sim.dtype)  # (2, B)
+    per_has = has / has.sum(1, keepdim=True).clamp(min=1)  # (2, B): mean over the anchors with that side's set
+    both = has[0] * has[1]
+    per_both = both / both.sum().clamp(min=1)
+    # per proxy: the mean over the n proxies of a side, then over the anchors
+    per_proxy_has = (per_has / n).t().unsqueeze(2)  # (B, 2, 1)
+    per_proxy_both = (per_both / n).view(b, 1, 1)
+    sign = sign.view(1, 2, 1)
+
+    s, a_s, q, norm = proxy_cosines(sim, weights, o.normalize)
+    signed = s.view(b, 2, n) * sign
+    own = signed / o.temperature
+    validity = torch.logaddexp(own, rest) - own  # (B, 2, n), InfoNCE form
     total = (validity * per_proxy_both).sum()
-    hinges = None  # (B, 2, n): the per-proxy hinges, weighted
-    if hardness > 0:
-        hinges = F.relu(signed - signed_mean.t().unsqueeze(2)) * hardness
-    if entropy_weight > 0:
-        neg_entropy = (weights * weights.clamp(min=1e-12).log()).sum(-1).view(b, 2, n)
-        below = F.relu(neg_entropy + floor.t().unsqueeze(2))  # floor - entropy
-        hinges = below * entropy_weight if hinges is None else torch.add(hinges, below, alpha=entropy_weight)
-    if hinges is not None:
-        total = total + (hinges * per_proxy_has).sum()
-    if n > 1 and alpha > 0:
+    g_signed = torch.sigmoid(rest - own).mul_(-per_proxy_both / o.temperature)  # d total / d signed
+    g_weights = None  # d total / d W from the terms that read W directly
+    g_norm = None  # d total / d norm from the diversity term
+    if o.hardness > 0:
+        gap = signed - (signed_mean.t().unsqueeze(2))
+        total = total + (F.relu(gap) * (per_proxy_has * o.hardness)).sum()
+        g_signed = g_signed + (gap > 0).to(sim.dtype) * (per_proxy_has * o.hardness)
+    if o.entropy_weight > 0:
+        log_w = weights.clamp(min=1e-12).log()
+        floor = count.clamp(min=1, max=o.min_members).log().t().unsqueeze(2)  # (B, 2, 1)
+        below = (weights * log_w).sum(-1).view(b, 2, n) + floor  # floor - entropy
+        total = total + (F.relu(below) * (per_proxy_has * o.entropy_weight)).sum()
+        if with_grad:
+            g_below = (below > 0).to(sim.dtype) * (per_proxy_has * o.entropy_weight)
+            g_weights = g_below.view(b, 2 * n, 1) * (log_w + (weights >= 1e-12).to(sim.dtype))
+    if n > 1 and o.alpha > 0:
         # spread^2 of a side's proxies = mean_m ||P_m||^2 - ||mean_m P_m||^2, with
         # ||sum_m P_m||^2 = u S u^T for u = sum_m A_m / ||A_m z|| (or sum_m A_m unnormalised)
-        scaled = weights / norm.unsqueeze(2) if normalize else weights
-        u = scaled.view(b, 2, n, b).sum(2).view(2 * b, b)
-        mean_sq = ((u @ sim) * u).sum(-1).view(b, 2) / (n * n)
-        second = 1.0 if normalize else norm.square().view(b, 2, n).mean(2)
-        spread = (second - mean_sq).clamp(min=0).add(1e-8).sqrt()  # (B, 2)
-        hinge = F.relu(diversity_target * real_spread.t() - spread)
-        total = total + alpha * (hinge * per_has.t()).sum()
-    return total
+        w = sets / count.clamp(min=1).unsqueeze(2)
+        real_spread = (w @ sim.diagonal() - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()  # (2, B)
+        inv_norm = norm.reciprocal().view(b, 2, n, 1)
+        scaled = weights.view(b, 2, n, b) * inv_norm if o.normalize else weights.view(b, 2, n, b)
+        u = scaled.sum(2)  # (B, 2, B)
+        u_s = u @ sim
+        inner = (1.0 if o.normalize else norm.square().view(b, 2, n).mean(2)) - (u_s * u).sum(-1) / (n * n)
+        spread = inner.clamp(min=0).add(1e-8).sqrt()  # (B, 2)
+        short = o.diversity_target * real_spread.t() - spread
+        total = total + o.alpha * (F.relu(short) * per_has.t()).sum()
+        if with_grad:
+            # d total / d inner, then through mean_sq = u S u^T / n^2 to u, and u to W and norm
+            g_inner = ((short > 0) & (inner >= 0)).to(sim.dtype) * per_has.t() * (-o.alpha) / (2 * spread)
+            g_u = (u_s * (g_inner * (-2.0 / (n * n))).unsqueeze(2)).unsqueeze(2)  # (B, 2, 1, B)
+            if o.normalize:
+                g_direct = (g_u * inv_norm).reshape(b, 2 * n, b)
+                g_norm = -((g_u * scaled).sum(-1) * inv_norm.squeeze(3)).reshape(b, 2 * n)
+            else:
+                g_direct = g_u.expand(b, 2, n, b).reshape(b, 2 * n, b)
+                g_norm = (g_inner.unsqueeze(2) * (2.0 / n) * norm.view(b, 2, n)).reshape(b, 2 * n)
+            g_weights = g_direct if g_weights is None else g_weights + g_direct
+    if not with_grad:
+        return total, None
+    g_s = (g_signed * sign).reshape(b, 2 * n)
+    if o.normalize:
+        g_raw = g_s / norm
+        g_norm = -g_raw * s if g_norm is None else g_norm - g_raw * s
+    else:
+        g_raw = g_s
+    grad = g_raw.unsqueeze(2) * sim.unsqueeze(1)  # d s_raw / d W[i, r] = S[i]
+    if g_norm is not None:  # d norm / d W[i, r] = A[i, r] / norm (where q >= 1e-12)
+        g_q2 = g_norm * (q >= 1e-12).to(sim.dtype) / norm
+        grad = torch.addcmul(grad, g_q2.unsqueeze(2), a_s)
+    if g_weights is not None:
+        grad = grad + g_weights
+    return total, grad
 
 
 @torch.no_grad()
@@ -531,7 +717,7 @@ def proxy_diagnostics(z: Tensor, pooling: PoolingWeights, positives: Tensor, nor
     for side, weights, mask, has in (("pos", pooling.pos, positives, pooling.has_pos), ("neg", pooling.neg, negatives, pooling.has_neg)):
         if not has.any():
             continue
-        s, _, hull_norm = proxy_cosines(sim, weights, normalize)  # hull_norm: ||A z||
+        s, _, _, hull_norm = proxy_cosines(sim, weights, normalize)  # hull_norm: ||A z||
         distances.append((1 - hull_norm if normalize else torch.zeros_like(hull_norm))[has])
         out[f"members_{side}"] = float(pooling_entropy(weights)[has].exp().mean())
         out[f"hardness_{side}"] = float((s - _set_mean(sim, mask).unsqueeze(1))[has].mean())
