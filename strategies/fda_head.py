@@ -144,6 +144,7 @@ class FDAHead(nn.Module):
             gen_loss = generator_loss(
                 z, pooling, positives, temperature=o.generator_temperature, alpha=o.generator_alpha, hardness=o.generator_hardness,
                 min_members=o.generator_min_members, entropy_weight=o.generator_entropy_weight, normalize=o.normalize_proxies, sim=sim,
+                cosines=proxies.cosines,
             )
             if self._steps % DIAGNOSTICS_EVERY == 0:
                 self._record(proxy_diagnostics(z, pooling, positives, normalize=o.normalize_proxies))

@@ -583,3 +583,22 @@ def test_losses_under_no_grad_give_the_same_values():
     assert with_grad[0].requires_grad and not without[0].requires_grad and not without[1].requires_grad
     assert float(with_grad[0]) == pytest.approx(float(without[0]), rel=1e-6)
     assert float(with_grad[1]) == pytest.approx(float(without[1]), rel=1e-6)
+
+
+def test_generator_loss_reading_the_proxies_cosines_is_the_same():
+    """generator_loss(..., cosines=proxies.cosines), as the FDA head calls it, gives the
+    value and generator gradients of computing them afresh."""
+    z, zh = clustered(seed=10, offset=2.0), clustered(seed=11, offset=2.0)
+    gen = ProxyGenerator(16)
+    sim_h = zh @ zh.t()
+    positives = graph_mask(knn_graph(sim_h, 6), len(z))
+    results = []
+    for shared in (False, True):
+        gen.zero_grad(set_to_none=True)
+        pooling = gen(z, sim_h, positives)
+        proxies = make_proxies(z, sim_h, pooling)
+        loss = generator_loss(z, pooling, positives, cosines=proxies.cosines if shared else None)
+        loss.backward()
+        results.append((float(loss), torch.cat([p.grad.flatten() for p in gen.parameters()])))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])

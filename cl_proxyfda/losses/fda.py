@@ -162,15 +162,18 @@ class Proxies:
     ``weights``: (B, 2n, B) detached pooling weights (row i: anchor i's n positive
     proxies, then its n negative ones); ``targets``: (B, 2n) their target weights;
     ``valid``: (B, 2n) whether anchor i has that proxy (a non-empty set); ``sim``:
-    ``z z^T`` with its gradient; ``normalize``: proxies projected onto the unit sphere.
-    The proxy vectors themselves are :func:`pool`; ``similarity`` is ``z_i . P``.
+    ``z z^T`` with its gradient; ``normalize``: proxies projected onto the unit sphere;
+    ``cosines``: :func:`proxy_cosines` of the detached ``sim`` (computed once, read by
+    both losses). The proxy vectors themselves are :func:`pool`; ``similarity`` is
+    ``z_i . P`` with its gradient.
     """
 
     weights: Tensor
     targets: Tensor
     valid: Tensor
     sim: Tensor
-    normalize: bool = True
+    normalize: bool
+    cosines: ProxyCosines
 
     @property
     def n_proxies(self) -> int:
@@ -222,12 +225,13 @@ class _PairPooling(torch.autograd.Function):
     def forward(ctx: Any, member: Tensor, relation: Tensor, pair: Tensor, head_weight: Tensor, head_bias: Tensor, mask: Tensor) -> Tensor:
         b, h = member.shape
         two_n = head_weight.shape[0]
-        pre = torch.baddbmm(member.unsqueeze(0), relation, pair.t().unsqueeze(0).expand(b, -1, -1))  # (B, B, h)
-        hidden = pre.view(b * b, h).clamp(min=0)
+        # in place wherever autograd does not need the input: the (B^2, h) tensors are a
+        # quarter of a megabyte each at B = 64, and their memory traffic is the cost
+        hidden = torch.baddbmm(member.unsqueeze(0), relation, pair.t().unsqueeze(0).expand(b, -1, -1)).view(b * b, h).clamp_(min=0)
         logits = torch.addmm(head_bias.unsqueeze(1), head_weight, hidden.t())  # (2n, B^2): row r, pair (i, j)
         logits = logits.view(two_n, b, b).transpose(0, 1).reshape(b, 2, two_n // 2, b)  # (B, 2, n, B), contiguous
-        bias = (~mask).to(logits.dtype).mul_(torch.finfo(logits.dtype).min / 2)  # no scalar tensor: no host copy on CUDA
-        weights = torch.where(mask, torch.softmax(logits + bias, dim=-1), 0.0).view(b, two_n, b)
+        logits += (~mask).to(logits.dtype).mul_(torch.finfo(logits.dtype).min / 2)  # no scalar tensor: no host copy on CUDA
+        weights = torch.softmax(logits, dim=-1).mul_(mask).view(b, two_n, b)  # zero for an empty set
         ctx.save_for_backward(hidden, relation, head_weight, weights)
         return weights
 
@@ -236,11 +240,13 @@ class _PairPooling(torch.autograd.Function):
         hidden, relation, head_weight, weights = ctx.saved_tensors
         b = weights.shape[0]
         two_n, h = head_weight.shape
-        # softmax backward (zero off the mask, where the weights are exactly 0)
-        grad_logits = weights * (grad - (weights * grad).sum(-1, keepdim=True))  # (B, 2n, B)
+        # softmax backward W * (g - sum(W g)), zero off the mask (where the weights are exactly 0)
+        grad_logits = weights * grad
+        grad_logits.addcmul_(weights, grad_logits.sum(-1, keepdim=True), value=-1)  # (B, 2n, B)
         grad_logits = grad_logits.permute(1, 0, 2).reshape(two_n, b * b)  # (2n, B^2), contiguous
-        # ReLU's own backward kernel: a bool-mask masked_fill_ here took ~370 us at B^2 = 4096
-        grad_pre = torch.ops.aten.threshold_backward(grad_logits.t() @ head_weight, hidden, 0)  # (B^2, h)
+        # ReLU's own backward kernel, in place (a bool-mask masked_fill_ here took ~370 us at B^2 = 4096)
+        grad_pre = grad_logits.t() @ head_weight  # (B^2, h)
+        torch.ops.aten.threshold_backward.grad_input(grad_pre, hidden, 0, grad_input=grad_pre)
         grad_member = grad_pre.view(b, b, h).sum(0) if ctx.needs_input_grad[0] else None
         grad_pair = grad_pre.t() @ relation.view(b * b, -1) if ctx.needs_input_grad[2] else None
         grad_head_weight = grad_logits @ hidden if ctx.needs_input_grad[3] else None
@@ -374,7 +380,8 @@ def make_proxies(
     side_targets = torch.stack([sim_h.clamp(min=0), negative_weight(sim_h, neg_weight)], dim=1).unsqueeze(2)  # (B, 2, 1, B)
     targets = torch.linalg.vecdot(pooled.view(b, 2, two_n // 2, b), side_targets).view(b, two_n)
     valid = pooling.has.t().repeat_interleave(two_n // 2, dim=1)  # (B, 2n)
-    return Proxies(pooled, targets, valid, (z @ z.t()) if sim is None else sim, normalize)
+    sim = (z @ z.t()) if sim is None else sim
+    return Proxies(pooled, targets, valid, sim, normalize, proxy_cosines(sim.detach(), pooled, normalize))
 
 
 def pooling_entropy(weights: Tensor) -> Tensor:
@@ -430,11 +437,7 @@ def fda_loss(
     pairs = off_diag if ignore is None else off_diag & (~ignore | positives)
     weights = torch.where(positives, sim_h.clamp(min=0), negative_weight(sim_h, neg_weight))  # signed_weights; the diagonal is masked below
     sim = (z @ z.t()) if sim is None else sim
-    if proxies is None:
-        return _FDALossFn.apply(sim, log_tau, bias, weights, pairs, None, None, None, True, torch.is_grad_enabled())
-    return _FDALossFn.apply(
-        sim, log_tau, bias, weights, pairs, proxies.weights, proxies.targets, proxies.valid, proxies.normalize, torch.is_grad_enabled()
-    )
+    return _FDALossFn.apply(sim, log_tau, bias, weights, pairs, proxies, torch.is_grad_enabled())
 
 
 class _FDALossFn(torch.autograd.Function):
@@ -443,22 +446,21 @@ class _FDALossFn(torch.autograd.Function):
     caller's grad mode, as ``forward`` always runs without it)."""
 
     @staticmethod
-    def forward(ctx: Any, sim: Tensor, log_tau: Tensor, bias: Tensor, weights: Tensor, pairs: Tensor, proxy_weights: Tensor | None,
-                proxy_targets: Tensor | None, proxy_valid: Tensor | None, normalize: bool, grad_enabled: bool) -> Tensor:
+    def forward(ctx: Any, sim: Tensor, log_tau: Tensor, bias: Tensor, weights: Tensor, pairs: Tensor, proxies: Proxies | None,
+                grad_enabled: bool) -> Tensor:
         needs = tuple(grad_enabled and wanted for wanted in ctx.needs_input_grad[:3])
-        loss, grads = _fda_terms(sim, log_tau, bias, weights, pairs, proxy_weights, proxy_targets, proxy_valid, normalize, needs)
+        loss, grads = _fda_terms(sim, log_tau, bias, weights, pairs, proxies, needs)
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         grads = tuple(None if g is None else g * grad for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _fda_terms(
-    sim: Tensor, log_tau: Tensor, bias: Tensor, weights: Tensor, pairs: Tensor, proxy_weights: Tensor | None, proxy_targets: Tensor | None,
-    proxy_valid: Tensor | None, normalize: bool, needs: tuple[bool, ...],
+    sim: Tensor, log_tau: Tensor, bias: Tensor, weights: Tensor, pairs: Tensor, proxies: Proxies | None, needs: tuple[bool, ...]
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
     """(loss, (d/d S, d/d log tau, d/d b)) of :func:`fda_loss`; a gradient is None where
     ``needs`` says it is not wanted.
@@ -477,11 +479,10 @@ def _fda_terms(
     count = pairs.sum(1)
     signed_x = (sim * inv_tau + shift).mul_(weights).neg_()  # -W x
     total = (F.softplus(signed_x) * pairs).sum(1)
-    proxy_sim = None
-    if proxy_weights is not None:
-        valid = proxy_valid.to(sim.dtype)
-        proxy_sim, _, q, norm = proxy_cosines(sim, proxy_weights, normalize)
-        proxy_x = (proxy_sim * inv_tau + shift).mul_(proxy_targets).neg_()
+    if proxies is not None:
+        valid = proxies.valid.to(sim.dtype)
+        proxy_sim, _, q, norm = proxies.cosines
+        proxy_x = (proxy_sim * inv_tau + shift).mul_(proxies.targets).neg_()
         total = total + (F.softplus(proxy_x) * valid).sum(1)
         count = count + valid.sum(1)
     per_anchor = count.reciprocal() / b
@@ -491,8 +492,8 @@ def _fda_terms(
     # d loss / dx for every term: -W sigmoid(-W x), weighted by its anchor's 1 / (B count)
     g_x = torch.sigmoid(signed_x).mul_(weights).mul_(pairs * -per_anchor.unsqueeze(1))
     g_proxy = None
-    if proxy_weights is not None:
-        g_proxy = torch.sigmoid(proxy_x).mul_(proxy_targets).mul_(valid * -per_anchor.unsqueeze(1))
+    if proxies is not None:
+        g_proxy = torch.sigmoid(proxy_x).mul_(proxies.targets).mul_(valid * -per_anchor.unsqueeze(1))
     g_bias = (g_x.sum() + (0 if g_proxy is None else g_proxy.sum())) if needs[2] else None
     g_log_tau = None
     if needs[1]:
@@ -500,13 +501,13 @@ def _fda_terms(
     g_sim = None
     if needs[0]:
         g_sim = g_x * inv_tau
-        if g_proxy is not None:
+        if proxies is not None:
             g_s = g_proxy * inv_tau  # (B, 2n)
-            g_raw = g_s / norm if normalize else g_s
-            g_sim = g_sim + torch.bmm(g_raw.unsqueeze(1), proxy_weights).squeeze(1).t()  # through s_raw
-            if normalize:  # through the norm
+            g_raw = g_s / norm if proxies.normalize else g_s
+            g_sim = g_sim + torch.bmm(g_raw.unsqueeze(1), proxies.weights).squeeze(1).t()  # through s_raw
+            if proxies.normalize:  # through the norm
                 g_q = (-0.5 * g_s * proxy_sim / norm.square()).mul_(q >= 1e-12)
-                flat = proxy_weights.reshape(-1, b)
+                flat = proxies.weights.reshape(-1, b)
                 g_sim = torch.addmm(g_sim, (flat * g_q.reshape(-1, 1)).t(), flat)
     return loss, (g_sim, g_log_tau, g_bias)
 
@@ -542,6 +543,7 @@ def generator_loss(
     entropy_weight: float = 1.0,
     normalize: bool = True,
     sim: Tensor | None = None,
+    cosines: ProxyCosines | None = None,
 ) -> Tensor:
     """The generator's own loss: validity + ``hardness`` * hard proxies + ``entropy_weight``
     * entropy floor + ``alpha`` * diversity.
@@ -572,7 +574,9 @@ def generator_loss(
 
     Each term is averaged over the anchors that have the sets it needs (per side:
     positive proxies over anchors with positives, negative proxies over anchors with
-    negatives). ``sim`` (``z z^T``, optional) saves recomputing it.
+    negatives). ``sim`` (``z z^T``, optional) and ``cosines`` (:func:`proxy_cosines` of
+    these pooling weights on the detached ``sim``, as :func:`make_proxies` keeps them in
+    ``Proxies.cosines``; optional) save recomputing them.
 
     The loss is small-tensor work whose cost is the number of operations, so it is one
     autograd node (:class:`_GeneratorObjectiveFn`): both sides are computed together on
@@ -583,7 +587,7 @@ def generator_loss(
     z = z.detach()
     sim = (z @ z.t()) if sim is None else sim.detach()
     objective = GeneratorObjective(temperature, alpha, diversity_target, hardness, min_members, entropy_weight, normalize)
-    return _GeneratorObjectiveFn.apply(pooling.weights, sim, member_sets(positives), pooling.has, objective, torch.is_grad_enabled())
+    return _GeneratorObjectiveFn.apply(pooling.weights, sim, member_sets(positives), pooling.has, objective, cosines, torch.is_grad_enabled())
 
 
 class _GeneratorObjectiveFn(torch.autograd.Function):
@@ -591,19 +595,20 @@ class _GeneratorObjectiveFn(torch.autograd.Function):
     gradient is computed with the value; ``grad_enabled``: the caller's grad mode)."""
 
     @staticmethod
-    def forward(ctx: Any, weights: Tensor, sim: Tensor, sets: Tensor, has: Tensor, objective: GeneratorObjective, grad_enabled: bool) -> Tensor:
-        total, grad = _generator_objective(weights, sim, sets, has, objective, with_grad=grad_enabled and ctx.needs_input_grad[0])
+    def forward(ctx: Any, weights: Tensor, sim: Tensor, sets: Tensor, has: Tensor, objective: GeneratorObjective, cosines: ProxyCosines | None,
+                grad_enabled: bool) -> Tensor:
+        total, grad = _generator_objective(weights, sim, sets, has, objective, grad_enabled and ctx.needs_input_grad[0], cosines)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_total if grad is not None else None), None, None, None, None, None
+        return (grad * grad_total if grad is not None else None), None, None, None, None, None, None
 
 
 def _generator_objective(
-    weights: Tensor, sim: Tensor, sets: Tensor, has: Tensor, o: GeneratorObjective, with_grad: bool
+    weights: Tensor, sim: Tensor, sets: Tensor, has: Tensor, o: GeneratorObjective, with_grad: bool, cosines: ProxyCosines | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """(value, d value / d weights or None) of the generator loss; ``sim`` must be
     symmetric (it is ``z z^T``). Forward and backward side by side, term by term:
@@ -635,26 +640,27 @@ def _generator_objective(
     per_proxy_both = (per_both / n).view(b, 1, 1)
     sign = sign.view(1, 2, 1)
 
-    s, a_s, q, norm = proxy_cosines(sim, weights, o.normalize)
+    s, a_s, q, norm = proxy_cosines(sim, weights.detach(), o.normalize) if cosines is None else cosines
     signed = s.view(b, 2, n) * sign
     own = signed / o.temperature
     validity = torch.logaddexp(own, rest) - own  # (B, 2, n), InfoNCE form
     total = (validity * per_proxy_both).sum()
     g_signed = torch.sigmoid(rest - own).mul_(-per_proxy_both / o.temperature)  # d total / d signed
-    g_weights = None  # d total / d W from the terms that read W directly
+    g_weights = None  # d total / d W from the entropy floor
     g_norm = None  # d total / d norm from the diversity term
+    g_u = None  # d total / d u from the diversity term
     if o.hardness > 0:
         gap = signed - (signed_mean.t().unsqueeze(2))
         total = total + (F.relu(gap) * (per_proxy_has * o.hardness)).sum()
         g_signed = g_signed + (gap > 0).to(sim.dtype) * (per_proxy_has * o.hardness)
     if o.entropy_weight > 0:
-        log_w = weights.clamp(min=1e-12).log()
+        log_w = weights.clamp(min=1e-12).log_()
         floor = count.clamp(min=1, max=o.min_members).log().t().unsqueeze(2)  # (B, 2, 1)
-        below = (weights * log_w).sum(-1).view(b, 2, n) + floor  # floor - entropy
+        below = torch.linalg.vecdot(weights, log_w).view(b, 2, n) + floor  # floor - entropy
         total = total + (F.relu(below) * (per_proxy_has * o.entropy_weight)).sum()
-        if with_grad:
+        if with_grad:  # d (W log W) / dW = log W + 1 (log_w reused in place)
             g_below = (below > 0).to(sim.dtype) * (per_proxy_has * o.entropy_weight)
-            g_weights = g_below.view(b, 2 * n, 1) * (log_w + (weights >= 1e-12).to(sim.dtype))
+            g_weights = log_w.add_(1).mul_(g_below.view(b, 2 * n, 1))
     if n > 1 and o.alpha > 0:
         # spread^2 of a side's proxies = mean_m ||P_m||^2 - ||mean_m P_m||^2, with
         # ||sum_m P_m||^2 = u S u^T for u = sum_m A_m / ||A_m z|| (or sum_m A_m unnormalised)
@@ -672,13 +678,10 @@ def _generator_objective(
             # d total / d inner, then through mean_sq = u S u^T / n^2 to u, and u to W and norm
             g_inner = ((short > 0) & (inner >= 0)).to(sim.dtype) * per_has.t() * (-o.alpha) / (2 * spread)
             g_u = (u_s * (g_inner * (-2.0 / (n * n))).unsqueeze(2)).unsqueeze(2)  # (B, 2, 1, B)
-            if o.normalize:
-                g_direct = (g_u * inv_norm).reshape(b, 2 * n, b)
-                g_norm = -((g_u * scaled).sum(-1) * inv_norm.squeeze(3)).reshape(b, 2 * n)
-            else:
-                g_direct = g_u.expand(b, 2, n, b).reshape(b, 2 * n, b)
+            if o.normalize:  # u = sum_m W_m / norm_m
+                g_norm = -(torch.linalg.vecdot(scaled, g_u) * inv_norm.squeeze(3)).reshape(b, 2 * n)
+            else:  # u = sum_m W_m; the mean square norm reads norm_m^2
                 g_norm = (g_inner.unsqueeze(2) * (2.0 / n) * norm.view(b, 2, n)).reshape(b, 2 * n)
-            g_weights = g_direct if g_weights is None else g_weights + g_direct
     if not with_grad:
         return total, None
     g_s = (g_signed * sign).reshape(b, 2 * n)
@@ -687,12 +690,14 @@ def _generator_objective(
         g_norm = -g_raw * s if g_norm is None else g_norm - g_raw * s
     else:
         g_raw = g_s
+    # (B, 2n, B) terms accumulated in place: their memory traffic is most of the cost
     grad = g_raw.unsqueeze(2) * sim.unsqueeze(1)  # d s_raw / d W[i, r] = S[i]
     if g_norm is not None:  # d norm / d W[i, r] = A[i, r] / norm (where q >= 1e-12)
-        g_q2 = g_norm * (q >= 1e-12).to(sim.dtype) / norm
-        grad = torch.addcmul(grad, g_q2.unsqueeze(2), a_s)
+        grad.addcmul_((g_norm / norm).mul_(q >= 1e-12).unsqueeze(2), a_s)
     if g_weights is not None:
-        grad = grad + g_weights
+        grad += g_weights
+    if g_u is not None:  # the diversity term through u
+        grad.view(b, 2, n, b).addcmul_(g_u, inv_norm) if o.normalize else grad.view(b, 2, n, b).add_(g_u)
     return total, grad
 
 
