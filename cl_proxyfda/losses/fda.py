@@ -377,8 +377,8 @@ def make_proxies(
     """
     pooled = pooling.weights.detach()
     b, two_n, _ = pooled.shape
-    side_targets = torch.stack([sim_h.clamp(min=0), negative_weight(sim_h, neg_weight)], dim=1).unsqueeze(2)  # (B, 2, 1, B)
-    targets = torch.linalg.vecdot(pooled.view(b, 2, two_n // 2, b), side_targets).view(b, two_n)
+    side_targets = torch.stack([sim_h.clamp(min=0), negative_weight(sim_h, neg_weight)], dim=1)  # (B, 2, B)
+    targets = torch.bmm(pooled.view(2 * b, two_n // 2, b), side_targets.view(2 * b, b, 1)).view(b, two_n)
     valid = pooling.has.t().repeat_interleave(two_n // 2, dim=1)  # (B, 2n)
     sim = (z @ z.t()) if sim is None else sim
     return Proxies(pooled, targets, valid, sim, normalize, proxy_cosines(sim.detach(), pooled, normalize))
@@ -667,8 +667,7 @@ def _generator_objective(
         w = sets / count.clamp(min=1).unsqueeze(2)
         real_spread = (w @ sim.diagonal() - ((w @ sim) * w).sum(-1)).clamp(min=0).add(1e-8).sqrt()  # (2, B)
         inv_norm = norm.reciprocal().view(b, 2, n, 1)
-        scaled = weights.view(b, 2, n, b) * inv_norm if o.normalize else weights.view(b, 2, n, b)
-        u = scaled.sum(2)  # (B, 2, B)
+        u = (weights.view(b, 2, n, b) * inv_norm if o.normalize else weights.view(b, 2, n, b)).sum(2)  # (B, 2, B)
         u_s = u @ sim
         inner = (1.0 if o.normalize else norm.square().view(b, 2, n).mean(2)) - (u_s * u).sum(-1) / (n * n)
         spread = inner.clamp(min=0).add(1e-8).sqrt()  # (B, 2)
@@ -678,8 +677,8 @@ def _generator_objective(
             # d total / d inner, then through mean_sq = u S u^T / n^2 to u, and u to W and norm
             g_inner = ((short > 0) & (inner >= 0)).to(sim.dtype) * per_has.t() * (-o.alpha) / (2 * spread)
             g_u = (u_s * (g_inner * (-2.0 / (n * n))).unsqueeze(2)).unsqueeze(2)  # (B, 2, 1, B)
-            if o.normalize:  # u = sum_m W_m / norm_m
-                g_norm = -(torch.linalg.vecdot(scaled, g_u) * inv_norm.squeeze(3)).reshape(b, 2 * n)
+            if o.normalize:  # u = sum_m W_m / norm_m: d/d norm_m = -(W_m . g_u) / norm_m^2 (a product: no (B, 2, n, B) temporary)
+                g_norm = -(torch.bmm(weights.view(2 * b, n, b), g_u.view(2 * b, b, 1)).view(b, 2, n) * inv_norm.squeeze(3).square()).reshape(b, 2 * n)
             else:  # u = sum_m W_m; the mean square norm reads norm_m^2
                 g_norm = (g_inner.unsqueeze(2) * (2.0 / n) * norm.view(b, 2, n)).reshape(b, 2 * n)
     if not with_grad:
@@ -690,12 +689,13 @@ def _generator_objective(
         g_norm = -g_raw * s if g_norm is None else g_norm - g_raw * s
     else:
         g_raw = g_s
-    # (B, 2n, B) terms accumulated in place: their memory traffic is most of the cost
-    grad = g_raw.unsqueeze(2) * sim.unsqueeze(1)  # d s_raw / d W[i, r] = S[i]
+    # (B, 2n, B) terms accumulated in place, in one buffer: their memory traffic is most of the cost
+    if g_weights is None:
+        grad = g_raw.unsqueeze(2) * sim.unsqueeze(1)  # d s_raw / d W[i, r] = S[i]
+    else:
+        grad = g_weights.addcmul_(g_raw.unsqueeze(2), sim.unsqueeze(1))
     if g_norm is not None:  # d norm / d W[i, r] = A[i, r] / norm (where q >= 1e-12)
         grad.addcmul_((g_norm / norm).mul_(q >= 1e-12).unsqueeze(2), a_s)
-    if g_weights is not None:
-        grad += g_weights
     if g_u is not None:  # the diversity term through u
         grad.view(b, 2, n, b).addcmul_(g_u, inv_norm) if o.normalize else grad.view(b, 2, n, b).add_(g_u)
     return total, grad
