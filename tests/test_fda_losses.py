@@ -190,13 +190,16 @@ def test_proxies_are_convex_combinations_of_their_sets():
     vectors = pool(pooling.pos, z)  # normalised convex combinations: points on the sphere
     assert torch.allclose(vectors, F.normalize(pooling.pos @ z, dim=-1), atol=1e-6)
     assert torch.allclose(vectors.norm(dim=-1), torch.ones(24, 3), atol=1e-5)
-    assert torch.allclose(proxies.sim_pos, torch.einsum("bd,bnd->bn", z, vectors), atol=1e-5)
-    assert torch.allclose(proxies.sim_neg, torch.einsum("bd,bnd->bn", z, pool(pooling.neg, z)), atol=1e-5)
+    # the positive proxies come first, then the negative ones
+    assert torch.allclose(proxies.similarity[:, :3], torch.einsum("bd,bnd->bn", z, vectors), atol=1e-5)
+    assert torch.allclose(proxies.similarity[:, 3:], torch.einsum("bd,bnd->bn", z, pool(pooling.neg, z)), atol=1e-5)
+    assert torch.allclose(proxies.cosines.s, proxies.similarity, atol=1e-6)  # the detached copy both losses read
     sim_h = zh @ zh.t()
     lo = sim_h.masked_fill(~pos, 9).min(1).values.unsqueeze(1)
     hi = sim_h.masked_fill(~pos, -9).max(1).values.unsqueeze(1)
-    assert ((proxies.w_pos >= lo - 1e-5) & (proxies.w_pos <= hi + 1e-5)).all()
-    assert (proxies.w_neg <= 0).all()
+    w_pos, w_neg = proxies.targets[:, :3], proxies.targets[:, 3:]
+    assert ((w_pos >= lo - 1e-5) & (w_pos <= hi + 1e-5)).all()
+    assert (w_neg <= 0).all()
 
 
 def test_proxies_change_the_loss_and_reach_the_features():

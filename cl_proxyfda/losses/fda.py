@@ -184,22 +184,6 @@ class Proxies:
         """(B, 2n) ``z_i . P`` for each of anchor i's proxies (differentiable in ``z``)."""
         return proxy_cosines(self.sim, self.weights, self.normalize).s
 
-    @property
-    def sim_pos(self) -> Tensor:
-        return self.similarity[:, : self.n_proxies]
-
-    @property
-    def sim_neg(self) -> Tensor:
-        return self.similarity[:, self.n_proxies :]
-
-    @property
-    def w_pos(self) -> Tensor:
-        return self.targets[:, : self.n_proxies]
-
-    @property
-    def w_neg(self) -> Tensor:
-        return self.targets[:, self.n_proxies :]
-
 
 class _PairPooling(torch.autograd.Function):
     """The generator's per-pair part, as one autograd node: pooling weights (B, 2n, B) of
