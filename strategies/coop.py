@@ -45,7 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.losses.fda import ProxyGenerator, graph_mask, knn_graph
+from cl_proxyfda.losses.fda import graph_mask, knn_graph
+from cl_proxyfda.losses.proxy_generator import ProxyGenerator
 from cl_proxyfda.prompt_learner import PromptLearner, prompt_learner_of
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.base import CLPlugin, RunContext

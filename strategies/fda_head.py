@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from cl_proxyfda.distributed import average_gradients, broadcast_from_main
-from cl_proxyfda.losses.fda import ProxyGenerator, fda_loss, generator_loss, graph_mask, knn_graph, make_proxies, proxy_diagnostics
+from cl_proxyfda.losses.fda import fda_loss, graph_mask, knn_graph, make_proxies
+from cl_proxyfda.losses.proxy_generator import ProxyGenerator, generator_loss, proxy_diagnostics
 
 DIAGNOSTICS_EVERY = 10  # proxy diagnostics on one batch in ten (each value is a host sync on GPU)
 
@@ -48,7 +49,7 @@ class FDALossParams(BaseModel):
     bias_init: float = Field(-10.0, description="bias b of S / tau + b [choice: -10, SigLIP's initialisation, see docs/proxy_fda.md]")
     learn_tau_bias: bool = Field(False, description="learn tau and b by minimising the loss [choice: false, it can flatten the regulariser]")
     tau_bias_lr: float = Field(
-        1e-2, gt=0, description="AdamW learning rate of log tau and b (1e-2 lets b settle within ~1000 steps; see losses/fda.py)"
+        1e-2, gt=0, description="AdamW learning rate of log tau and b (1e-2 lets b settle within ~1000 steps; used only with learn_tau_bias)"
     )
     neg_weight: Literal["clamp0", "minus_one", "one_minus"] = Field("clamp0", description="non-neighbour weight: -max(Sh,0), -1 or -(1-Sh)")
 

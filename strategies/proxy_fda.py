@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from cl_proxyfda.errors import UserError
-from cl_proxyfda.losses.fda import ProxyGenerator
+from cl_proxyfda.losses.proxy_generator import ProxyGenerator
 from cl_proxyfda.registry import STRATEGIES
 from cl_proxyfda.strategies.base import CLPlugin
 from cl_proxyfda.strategies.fda_head import FDAHead, FDALossParams, ProxyOptions

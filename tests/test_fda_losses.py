@@ -9,18 +9,18 @@ import torch.nn.functional as F
 
 from cl_proxyfda.losses.fda import (
     NEG_WEIGHTS,
-    ProxyGenerator,
+    PoolingWeights,
     fda_loss,
-    generator_loss,
     graph_mask,
     knn_graph,
     make_proxies,
+    member_sets,
     pair_loss,
     signed_weights,
     pool,
-    proxy_diagnostics,
     proxy_similarity,
 )
+from cl_proxyfda.losses.proxy_generator import ProxyGenerator, _PairPooling, generator_loss, proxy_diagnostics
 
 torch.set_num_threads(1)
 
@@ -487,8 +487,6 @@ def test_stacked_generator_loss_equals_the_side_by_side_form(normalize):
 def test_pair_pooling_gradients_match_finite_differences():
     """The generator's hand-written pair node (relu head + masked softmax) against
     gradcheck, in float64, with an anchor whose positive set is empty."""
-    from cl_proxyfda.losses.fda import _PairPooling, member_sets
-
     g = torch.Generator().manual_seed(0)
     b, h, n = 7, 5, 2
     sim_h = torch.randn(b, b, generator=g, dtype=torch.float64)
@@ -519,8 +517,6 @@ def test_generator_objective_gradient_matches_finite_differences():
     positives = graph_mask(knn_graph(z @ z.t(), 3), 10)
     positives[2] = False
     logits = torch.randn(10, 6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    from cl_proxyfda.losses.fda import PoolingWeights, member_sets
-
     sets = member_sets(positives)
     mask = sets.transpose(0, 1).repeat_interleave(3, dim=1)  # (B, 2n, B)
     for normalize in (True, False):
@@ -577,9 +573,12 @@ def test_fda_loss_gradients_match_finite_differences(normalize):
 
 
 def test_losses_under_no_grad_give_the_same_values():
-    """Under torch.no_grad the fused losses skip their gradients and give the same values."""
-    z, zh = clustered(seed=8, offset=2.0), clustered(seed=9, offset=2.0)
-    gen = ProxyGenerator(16)
+    """Under torch.no_grad the fused losses skip their gradients and give the same values
+    (CLIP-like features)."""
+    from cl_proxyfda.testing import clip_like_features
+
+    (z, _), (zh, _) = clip_like_features(32, 64, classes=8, seed=8), clip_like_features(32, 64, classes=8, seed=9)
+    gen = ProxyGenerator(64)
     with_grad = full_step(z.clone().requires_grad_(True), zh, gen)
     with torch.no_grad():
         without = full_step(z.clone().requires_grad_(True), zh, gen)
@@ -590,9 +589,11 @@ def test_losses_under_no_grad_give_the_same_values():
 
 def test_generator_loss_reading_the_proxies_cosines_is_the_same():
     """generator_loss(..., cosines=proxies.cosines), as the FDA head calls it, gives the
-    value and generator gradients of computing them afresh."""
-    z, zh = clustered(seed=10, offset=2.0), clustered(seed=11, offset=2.0)
-    gen = ProxyGenerator(16)
+    value and generator gradients of computing them afresh (CLIP-like features)."""
+    from cl_proxyfda.testing import clip_like_features
+
+    (z, _), (zh, _) = clip_like_features(32, 64, classes=8, seed=10), clip_like_features(32, 64, classes=8, seed=11)
+    gen = ProxyGenerator(64)
     sim_h = zh @ zh.t()
     positives = graph_mask(knn_graph(sim_h, 6), len(z))
     results = []
