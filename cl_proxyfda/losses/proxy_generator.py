@@ -158,15 +158,16 @@ def _set_mean(sim: Tensor, mask: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class GeneratorObjective:
-    """The weights of the generator loss's terms (see :func:`generator_loss`)."""
+    """The options of the generator loss's terms, as :func:`generator_loss` was given them
+    (its signature holds the defaults)."""
 
-    temperature: float = 0.1
-    alpha: float = 1.0
-    diversity_target: float = 0.5
-    hardness: float = 10.0
-    min_members: float = 2.0
-    entropy_weight: float = 1.0
-    normalize: bool = True
+    temperature: float
+    alpha: float
+    diversity_target: float
+    hardness: float
+    min_members: float
+    entropy_weight: float
+    normalize: bool
 
 
 def generator_loss(
